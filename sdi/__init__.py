@@ -1,0 +1,19 @@
+"""Step-Decomposed Influence (SDI) and fast TracIn for looped / weight-tied models.
+
+Drop-in for ``step-decomposed-influence`` 0.1.1, with kernels chosen by ``SDI_BACKEND``.
+"""
+
+from .backend import backend_info
+from .checkpoints import CheckpointSpec, InfluenceOutputs
+from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
+from .featurize import FeatureSet
+
+__all__ = [
+    "ProjectedTracInSDI",
+    "FullGradientTracInSDI",
+    "CheckpointSpec",
+    "InfluenceOutputs",
+    "FeatureSet",
+    "backend_info",
+]
+__version__ = "0.2.0"

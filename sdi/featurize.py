@@ -1,0 +1,257 @@
+"""Per-example, per-step features of the selected parameters, computed during one backward pass.
+
+The :class:`Featurizer` owns the hooks (:mod:`sdi.hooks`), the per-layer rules (:mod:`sdi.rules`)
+and the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
+features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``, summed over steps in place, when
+only the full gradient is needed (TracIn, and the train side of SDI).
+
+Featurisation freezes every model parameter for the duration of the pass: the hooks need only the
+grad-outputs of the selected modules, so backward skips every weight-gradient matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .hooks import HookManager
+from .rules import ExactRules, SketchRules, check_supported
+from .steps import StepPlan, plan_steps
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Per-step features of a set of examples.
+
+    ``phi`` maps parameter name -> ``(N, steps, m)`` (projected) or ``(N, steps, *param.shape)``
+    (exact); ``steps`` is the number of step slots.
+    """
+
+    phi: dict[str, torch.Tensor]
+    steps: int
+
+    @property
+    def n(self) -> int:
+        return int(next(iter(self.phi.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """Where one selected parameter's feature lives in the flat feature tensor."""
+
+    name: str
+    param: nn.Parameter
+    module: nn.Module
+    columns: slice
+    shape: tuple[int, ...]  # one step's feature, unflattened
+
+
+@dataclass
+class _Pass:
+    """State of the backward pass in flight."""
+
+    plan: StepPlan
+    out: torch.Tensor  # (B, steps, D), or (B, D) when summing over steps
+    sum_steps: bool
+    scale: float
+
+
+def _reduce_loss(loss: torch.Tensor, loss_reduction: str) -> torch.Tensor:
+    if loss.dim() == 0:
+        return loss
+    if loss.dim() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
+        )
+    return loss.sum() if loss_reduction == "sum" else loss.mean()
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in target_modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+class Featurizer:
+    """Hooks + rules + layout for one model and one parameter selection.
+
+    Args:
+        model: the whole model (``loss_fn(model, batch)`` runs it).
+        target_modules: module(s) whose trainable parameters are analysed.
+        projection_size, seed, backend: the sketch; ``projection_size=None`` means exact gradients.
+        loss_reduction: ``"sum"`` or ``"mean"``: how a per-example loss vector is reduced, or how a
+            scalar loss was reduced over the batch (``"mean"`` grads are rescaled by ``B``).
+        batch_first: whether dimension 0 (else 1) of activations is the batch.
+        expected_steps, allow_mixed_steps: see :func:`sdi.steps.plan_steps`.
+        strict: refuse modules with buffers.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        target_modules: nn.Module | Sequence[nn.Module],
+        projection_size: int | None,
+        seed: int = 0,
+        backend=None,
+        loss_reduction: str = "sum",
+        batch_first: bool = True,
+        expected_steps: int | None = None,
+        allow_mixed_steps: bool = False,
+        strict: bool = True,
+    ):
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        if isinstance(target_modules, nn.Module):
+            target_modules = [target_modules]
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.batch_first = bool(batch_first)
+        self.expected_steps = expected_steps
+        self.allow_mixed_steps = bool(allow_mixed_steps)
+
+        selected = _selected_params(list(target_modules))
+        if not selected:
+            raise ValueError("target_modules hold no trainable parameters")
+        devices = {p.device for p in selected}
+        if len(devices) > 1:
+            raise ValueError(
+                f"selected parameters span several devices: {sorted(map(str, devices))}"
+            )
+        names = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(p, name)
+        missing = [p for p in selected if p not in names]
+        if missing:
+            raise ValueError("target_modules hold parameters that are not parameters of model")
+
+        # Owning modules in model order: the order the hash tables are drawn in.
+        selected_set = set(selected)
+        owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}
+        self._module_params: dict[nn.Module, list[nn.Parameter]] = {}
+        for module_name, module in model.named_modules():
+            direct = [p for p in module.parameters(recurse=False) if p in selected_set]
+            for p in direct:
+                if p in owner:
+                    raise ValueError(
+                        f"parameter {names[p]!r} is owned by two modules; this is not supported"
+                    )
+                check_supported(
+                    module, module_name, p, names[p], strict=strict, exact=projection_size is None
+                )
+                owner[p] = (module_name, module)
+            if direct:
+                self._module_params[module] = direct
+
+        draw_order = [p for params in self._module_params.values() for p in params]
+        if projection_size is None:
+            self.rules = ExactRules()
+        else:
+            self.rules = SketchRules(draw_order, projection_size, seed, backend)
+
+        self.blocks: list[ParamBlock] = []
+        start = 0
+        for p in selected:
+            width = self.rules.width(p)
+            shape = tuple(p.shape) if self.rules.exact else (width,)
+            self.blocks.append(
+                ParamBlock(names[p], p, owner[p][1], slice(start, start + width), shape)
+            )
+            start += width
+        self.width = start
+        self._columns = {b.param: b.columns for b in self.blocks}
+        self.device = next(iter(devices))
+        self._pass: _Pass | None = None
+        self.hooks = HookManager(
+            list(self._module_params), self._on_grad, batch_dim=0 if self.batch_first else 1
+        )
+
+    def close(self) -> None:
+        self.hooks.close()
+
+    def compute_batch(
+        self, batch: Any, loss_fn: LossFn, *, sum_steps: bool = False
+    ) -> tuple[torch.Tensor, int]:
+        """Features of one batch: ``((B, steps, D) or (B, D), steps)``, fp32 on the model's device."""
+        with _frozen(self.model), self.hooks.capture() as log:
+            loss = loss_fn(self.model, batch)
+            if not torch.is_tensor(loss):
+                raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+            loss = _reduce_loss(loss, self.loss_reduction)
+            plan = plan_steps(
+                log,
+                {b.name: b.module for b in self.blocks},
+                expected_steps=self.expected_steps,
+                allow_mixed_steps=self.allow_mixed_steps,
+            )
+            if len(log.batch_sizes) != 1:
+                raise RuntimeError(
+                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
+                )
+            B = log.batch_sizes.pop()
+            shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
+            out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    "the loss does not depend on the outputs of the selected modules"
+                )
+            scale = float(B) if self.loss_reduction == "mean" else 1.0
+            self._pass = _Pass(plan, out, sum_steps, scale)
+            try:
+                loss.backward()
+            finally:
+                self._pass = None
+        return out, plan.steps
+
+    @torch.no_grad()
+    def _on_grad(
+        self, module: nn.Module, use: int, activations: list[torch.Tensor], grad: torch.Tensor
+    ) -> None:
+        state = self._pass
+        if state is None:  # a backward outside compute_batch (e.g. a retained graph): not ours
+            return
+        if state.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
+            grad = grad * state.scale
+        if not self.batch_first:
+            grad = grad.movedim(1, 0)
+            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
+        params = self._module_params[module]
+        slot = state.plan.slots[module][use]
+        for p, feature in zip(params, self.rules.features(module, params, activations, grad)):
+            columns = self._columns[p]
+            if state.sum_steps:
+                state.out[:, columns] += feature
+            else:
+                state.out[:, slot, columns] += feature
+
+    def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
+        """View a ``(N, steps, D)`` feature tensor as the per-parameter dict of :class:`FeatureSet`."""
+        n = flat.shape[0]
+        return FeatureSet(
+            {b.name: flat[:, :, b.columns].reshape(n, steps, *b.shape) for b in self.blocks}, steps
+        )
