@@ -82,7 +82,7 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -242,7 +242,8 @@ class Featurizer:
             activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
         params = self._module_params[module]
         slot = state.plan.slots[module][use]
-        for p, feature in zip(params, self.rules.features(module, params, activations, grad)):
+        features = self.rules.features(module, params, activations, grad)
+        for p, feature in zip(params, features, strict=True):
             columns = self._columns[p]
             if state.sum_steps:
                 state.out[:, columns] += feature

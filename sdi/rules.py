@@ -52,7 +52,7 @@ def _requiring_grad(params: Sequence[nn.Parameter]):
     try:
         yield
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
 
 
@@ -143,7 +143,7 @@ class SketchRules:
             ids, g = _embedding_grad(module, activations[0], g)
             return [be.tensor_sketch_embedding(ids, g, self.tables[params[0]])]
         grads = _opacus_grads(module, params, activations, g)
-        return [be.count_sketch(gs, self.tables[p]) for p, gs in zip(params, grads)]
+        return [be.count_sketch(gs, self.tables[p]) for p, gs in zip(params, grads, strict=True)]
 
 
 class ExactRules:
