@@ -109,10 +109,21 @@ class HookManager:
             out = leaf.clone()
             replacement = out if torch.is_tensor(output) else _replace_first(output, out)
 
-        def on_grad(grad: torch.Tensor) -> None:
-            self._on_grad(module, use, activations, grad.detach())
+        shape, target = out.shape, out
+        if out._is_view():
+            # A hook on a view dies if the view is later modified in place (e.g. nn.Linear on 3-D
+            # input returns a view of a 2-D matmul, then `y += x`); a hook on its base survives.
+            base = out._base
+            if base.numel() == out.numel() and out.is_contiguous() and base.is_contiguous():
+                target = base
+            else:
+                out = target = out.clone()
+                replacement = out if torch.is_tensor(output) else _replace_first(output, out)
 
-        out.register_hook(on_grad)
+        def on_grad(grad: torch.Tensor) -> None:
+            self._on_grad(module, use, activations, grad.detach().view(shape))
+
+        target.register_hook(on_grad)
         return replacement
 
 
