@@ -13,7 +13,9 @@ VOCAB, SEQ = 19, 7
 
 def tiny_model(seed: int = 0, steps: int = 3, norm_affine: bool = True) -> LoopedTransformer:
     torch.manual_seed(seed)
-    model = LoopedTransformer(vocab=VOCAB, d_model=12, n_heads=2, loop_steps=steps, max_len=SEQ, norm_affine=norm_affine)
+    model = LoopedTransformer(
+        vocab=VOCAB, d_model=12, n_heads=2, loop_steps=steps, max_len=SEQ, norm_affine=norm_affine
+    )
     with torch.no_grad():  # non-trivial norm parameters, so their gradients are not symmetric
         for p in model.core.norm.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -64,10 +66,14 @@ def per_use_grads(model: LoopedTransformer, tokens: torch.Tensor) -> torch.Tenso
         for params in copies:
             x = functional_call(model.core, params, (x,))
         logits = model.head(x)[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1))
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1)
+        )
 
     grads = vmap(grad(loss_one), in_dims=(None, 0))(copies, tokens)
-    return torch.stack([torch.cat([g[k].reshape(tokens.shape[0], -1) for k in names], 1) for g in grads], 1)
+    return torch.stack(
+        [torch.cat([g[k].reshape(tokens.shape[0], -1) for k in names], 1) for g in grads], 1
+    )
 
 
 def full_grads(model: LoopedTransformer, tokens: torch.Tensor) -> torch.Tensor:

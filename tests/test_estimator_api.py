@@ -33,9 +33,19 @@ def _run(est, path, train, query, **kw):
 def test_modes_agree(tmp_path, make, model, train_batches, query_batches):
     path = save_checkpoint(tmp_path / "ck.pt", model)
     est = make(model=model, target_modules=model.core)
-    sdi = _run(est, path, train_batches, query_batches, with_step_matrix=True, train_chunk_size=2, query_chunk_size=3)
+    sdi = _run(
+        est,
+        path,
+        train_batches,
+        query_batches,
+        with_step_matrix=True,
+        train_chunk_size=2,
+        query_chunk_size=3,
+    )
     tracin = _run(est, path, train_batches, query_batches, mode="tracin")
-    assert sdi.sdi.shape == (7, 4, 3) and sdi.sdi_matrix.shape == (7, 4, 3, 3) and tracin.sdi is None
+    assert (
+        sdi.sdi.shape == (7, 4, 3) and sdi.sdi_matrix.shape == (7, 4, 3, 3) and tracin.sdi is None
+    )
     torch.testing.assert_close(tracin.tracin, sdi.sdi.sum(-1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sdi.tracin, sdi.sdi.sum(-1))
     torch.testing.assert_close(sdi.sdi_matrix.sum(2), sdi.sdi, rtol=1e-4, atol=1e-6)
@@ -50,17 +60,27 @@ def test_checkpoint_weights_sum_linearly(tmp_path, make, train_batches, query_ba
     est = make(model=a, target_modules=a.core)
     one = _run(est, [CheckpointSpec(pa, weight=1.0)], train_batches, query_batches).sdi
     two = _run(est, [CheckpointSpec(pb, weight=1.0)], train_batches, query_batches).sdi
-    both = _run(est, [CheckpointSpec(pa), CheckpointSpec(pb, weight=0.7)], train_batches, query_batches)
+    both = _run(
+        est, [CheckpointSpec(pa), CheckpointSpec(pb, weight=0.7)], train_batches, query_batches
+    )
     torch.testing.assert_close(both.sdi, 0.3 * one + 0.7 * two, rtol=1e-4, atol=1e-6)  # 0.3: the lr
 
 
 @pytest.mark.parametrize("make", ESTIMATORS)
 def test_mean_and_sum_reductions_agree(tmp_path, make, model, train_batches, query_batches):
     path = save_checkpoint(tmp_path / "ck.pt", model)
-    summed = _run(make(model=model, target_modules=model.core), path, train_batches, query_batches).sdi
+    summed = _run(
+        make(model=model, target_modules=model.core), path, train_batches, query_batches
+    ).sdi
     mean_est = make(model=model, target_modules=model.core, loss_reduction="mean")
     mean = _run(mean_est, path, train_batches, query_batches).sdi
-    scalar = _run(mean_est, path, train_batches, query_batches, loss_fn=lambda m, b: next_token_loss(m, b).mean()).sdi
+    scalar = _run(
+        mean_est,
+        path,
+        train_batches,
+        query_batches,
+        loss_fn=lambda m, b: next_token_loss(m, b).mean(),
+    ).sdi
     torch.testing.assert_close(mean, summed, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scalar, summed, rtol=1e-4, atol=1e-6)
 
@@ -70,7 +90,9 @@ def test_checkpoint_formats(tmp_path, model, train_batches, query_batches):
     want = _run(est, save_checkpoint(tmp_path / "a.pt", model), train_batches, query_batches).tracin
     for i, ckpt in enumerate([{"state_dict": model.state_dict()}, model.state_dict()]):
         torch.save(ckpt, tmp_path / f"{i}.pt")
-        torch.testing.assert_close(_run(est, str(tmp_path / f"{i}.pt"), train_batches, query_batches).tracin, want)
+        torch.testing.assert_close(
+            _run(est, str(tmp_path / f"{i}.pt"), train_batches, query_batches).tracin, want
+        )
 
 
 def test_pickled_checkpoint_needs_opt_in(tmp_path, model, train_batches, query_batches):
@@ -79,29 +101,45 @@ def test_pickled_checkpoint_needs_opt_in(tmp_path, model, train_batches, query_b
     est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=32)
     with pytest.raises(RuntimeError, match="load_checkpoint_fn"):
         _run(est, str(path), train_batches, query_batches)
-    out = _run(est, str(path), train_batches, query_batches, load_checkpoint_fn=lambda p: torch.load(p, weights_only=False))
+    out = _run(
+        est,
+        str(path),
+        train_batches,
+        query_batches,
+        load_checkpoint_fn=lambda p: torch.load(p, weights_only=False),
+    )
     assert out.tracin.shape == (7, 4)
 
 
 def test_mixed_steps_bin_prelude_and_readout(tmp_path, model, train_batches):
     targets = [model.embed, model.core, model.head]
     with pytest.raises(RuntimeError, match="allow_mixed_steps"):
-        FullGradientTracInSDI(model=model, target_modules=targets).featurize_loader(loader=train_batches, loss_fn=next_token_loss)
+        FullGradientTracInSDI(model=model, target_modules=targets).featurize_loader(
+            loader=train_batches, loss_fn=next_token_loss
+        )
     est = FullGradientTracInSDI(model=model, target_modules=targets, allow_mixed_steps=True)
     feats = est.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
     assert feats.steps == model.loop_steps + 2
     spread = {k: v.flatten(2).norm(dim=(0, 2)) for k, v in feats.phi.items()}
     assert spread["embed.weight"][1:].eq(0).all() and spread["embed.weight"][0] > 0
     assert spread["head.weight"][:-1].eq(0).all() and spread["head.weight"][-1] > 0
-    core = torch.cat([feats.phi[f"core.{k}"].flatten(2) for k, _ in model.core.named_parameters()], 2)
-    torch.testing.assert_close(core[:, 1:-1], per_use_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6)
+    core = torch.cat(
+        [feats.phi[f"core.{k}"].flatten(2) for k, _ in model.core.named_parameters()], 2
+    )
+    torch.testing.assert_close(
+        core[:, 1:-1], per_use_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_expected_steps(model, train_batches):
-    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=16, expected_steps=3)
+    est = ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=16, expected_steps=3
+    )
     assert est.featurize_loader(loader=train_batches, loss_fn=next_token_loss).steps == 3
     est.close()
-    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=16, expected_steps=5)
+    est = ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=16, expected_steps=5
+    )
     with pytest.raises(RuntimeError, match="observed 3 loop steps but expected_steps=5"):
         est.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
 
@@ -154,14 +192,20 @@ def test_bad_arguments(tmp_path, model, train_batches, query_batches):
     with pytest.raises(ValueError, match="with_step_matrix"):
         _run(est, path, train_batches, query_batches, mode="tracin", with_step_matrix=True)
     with pytest.raises(ValueError, match="per-example losses"):
-        est.featurize_loader(loader=train_batches, loss_fn=lambda m, b: next_token_loss(m, b)[:, None])
+        est.featurize_loader(
+            loader=train_batches, loss_fn=lambda m, b: next_token_loss(m, b)[:, None]
+        )
 
 
 def test_unknown_and_unused_parameters_are_reported(model, train_batches):
     with pytest.raises(ValueError, match="not parameters of model"):
-        ProjectedTracInSDI(model=model, target_modules=[model.core, nn.Linear(2, 2)], projection_size=16)
+        ProjectedTracInSDI(
+            model=model, target_modules=[model.core, nn.Linear(2, 2)], projection_size=16
+        )
     model.extra = nn.Linear(2, 2)
-    est = ProjectedTracInSDI(model=model, target_modules=[model.core, model.extra], projection_size=16)
+    est = ProjectedTracInSDI(
+        model=model, target_modules=[model.core, model.extra], projection_size=16
+    )
     with pytest.raises(RuntimeError, match="extra.weight"):
         est.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
 
@@ -205,9 +249,15 @@ def test_inplace_ops_after_hooked_modules(model, train_batches):
     feats = FullGradientTracInSDI(model=model, target_modules=model.core).featurize_loader(
         loader=train_batches, loss_fn=next_token_loss
     )
-    ours = torch.cat([feats.phi[f"core.{k}"].flatten(2) for k, _ in model.core.named_parameters()], 2)
-    torch.testing.assert_close(ours, per_use_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.sum(1), full_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6)
+    ours = torch.cat(
+        [feats.phi[f"core.{k}"].flatten(2) for k, _ in model.core.named_parameters()], 2
+    )
+    torch.testing.assert_close(
+        ours, per_use_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        ours.sum(1), full_grads(model, stacked(train_batches)), rtol=1e-4, atol=1e-6
+    )
 
 
 class _SeqFirst(nn.Module):
@@ -218,7 +268,11 @@ class _SeqFirst(nn.Module):
         self.inner = inner
 
     def forward(self, tokens):  # tokens (B, T)
-        x = (self.inner.embed(tokens) + self.inner.pos[: tokens.shape[1]]).transpose(0, 1).contiguous()
+        x = (
+            (self.inner.embed(tokens) + self.inner.pos[: tokens.shape[1]])
+            .transpose(0, 1)
+            .contiguous()
+        )
         for _ in range(self.inner.loop_steps):
             x = x + self.inner.core.fc2(F.gelu(self.inner.core.fc1(x)))
         return self.inner.head(x.transpose(0, 1))
@@ -228,7 +282,9 @@ def test_batch_first_false(model, train_batches):
     seq_first = _SeqFirst(model)
     targets = [model.core.fc1, model.core.fc2]
     for make in (lambda **kw: ProjectedTracInSDI(projection_size=32, **kw), FullGradientTracInSDI):
-        est_tb = make(model=seq_first, target_modules=targets, batch_first=False, loss_reduction="mean")
+        est_tb = make(
+            model=seq_first, target_modules=targets, batch_first=False, loss_reduction="mean"
+        )
         tb = est_tb.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
         est_tb.close()
         bt = _BatchFirst(model)
@@ -236,7 +292,9 @@ def test_batch_first_false(model, train_batches):
         ref = est_bt.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
         est_bt.close()
         for k in ref.phi:
-            torch.testing.assert_close(tb.phi[k.replace("inner.", "inner.")], ref.phi[k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                tb.phi[k.replace("inner.", "inner.")], ref.phi[k], rtol=1e-4, atol=1e-6
+            )
 
 
 class _BatchFirst(_SeqFirst):

@@ -19,11 +19,16 @@ def test_per_use_gradients_equal_unrolled_torch_func(model, train_batches):
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-6)
 
 
-def test_tracin_and_sdi_equal_gradient_inner_products(tmp_path, model, train_batches, query_batches):
+def test_tracin_and_sdi_equal_gradient_inner_products(
+    tmp_path, model, train_batches, query_batches
+):
     path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.25)
     est = FullGradientTracInSDI(model=model, target_modules=model.core)
     out = est.influence_across_checkpoints(
-        checkpoints=[CheckpointSpec(path)], train_loader=train_batches, query_loader=query_batches, loss_fn=next_token_loss
+        checkpoints=[CheckpointSpec(path)],
+        train_loader=train_batches,
+        query_loader=query_batches,
+        loss_fn=next_token_loss,
     )
     g_train = full_grads(model, stacked(train_batches))  # through the tied loop, no per-step split
     g_query = full_grads(model, stacked(query_batches))

@@ -22,7 +22,9 @@ def _setup():
     model = tiny_model(seed=4, steps=2)
     train = random_token_batches(4, 4, 7, 19, seed=1)
     query = random_token_batches(2, 2, 7, 19, seed=2)
-    exact = torch.einsum("id,jtd->ijt", full_grads(model, stacked(train)), per_use_grads(model, stacked(query)))
+    exact = torch.einsum(
+        "id,jtd->ijt", full_grads(model, stacked(train)), per_use_grads(model, stacked(query))
+    )
     return model, train, query, exact
 
 
@@ -40,7 +42,10 @@ def test_error_shrinks_like_inverse_sqrt_m():
 
     def error(m):
         return torch.stack(
-            [(_sdi(model, m, seed, train, query) - exact).norm() / exact.norm() for seed in range(12)]
+            [
+                (_sdi(model, m, seed, train, query) - exact).norm() / exact.norm()
+                for seed in range(12)
+            ]
         ).mean()
 
     small, large = error(64), error(1024)

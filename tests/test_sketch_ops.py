@@ -20,7 +20,9 @@ def _count_sketch_dense(table) -> torch.Tensor:
     return dense
 
 
-@pytest.mark.parametrize("d_out,d_in,m,B,T", [(13, 7, 32, 3, 5), (5, 37, 64, 2, 1), (33, 9, 17, 1, 4)])
+@pytest.mark.parametrize(
+    "d_out,d_in,m,B,T", [(13, 7, 32, 3, 5), (5, 37, 64, 2, 1), (33, 9, 17, 1, 4)]
+)
 def test_linear_fft_path_equals_explicit_gradient(d_out, d_in, m, B, T):
     seed = d_out * 1000 + d_in
     table = _tables(d_out, d_in, m, seed)
@@ -53,7 +55,9 @@ def test_embedding_shift_path_equals_fft_and_explicit(V, d, m, B, T):
     phi = torch.einsum("btv,btd->bvd", onehot, g)
     got = torch_ops.tensor_sketch_embedding(ids, g, table)
     torch.testing.assert_close(got, sketch_matrix_explicit(phi, table), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got, torch_ops.tensor_sketch_linear(g, onehot, table), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        got, torch_ops.tensor_sketch_linear(g, onehot, table), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("shape,m", [((3, 13), 8), ((2, 5, 37), 64), ((1, 1), 3)])
@@ -85,7 +89,10 @@ def test_sketch_is_unbiased_inner_product_estimate():
     """E<TS(x), TS(y)> = <x, y> over the hash draw (mean over many seeds)."""
     x, y = torch.randn(1, 6, 5), torch.randn(1, 6, 5)
     est = torch.stack(
-        [(sketch_matrix_explicit(x, t) * sketch_matrix_explicit(y, t)).sum() for t in (_tables(6, 5, 8, s) for s in range(4000))]
+        [
+            (sketch_matrix_explicit(x, t) * sketch_matrix_explicit(y, t)).sum()
+            for t in (_tables(6, 5, 8, s) for s in range(4000))
+        ]
     )
     exact = (x * y).sum()
     assert abs(est.mean() - exact) < 4 * est.std() / 4000**0.5

@@ -1,0 +1,34 @@
+# `make demo` and `make test` set everything up on a fresh machine (a .venv beside this file).
+# TORCH_SPEC pins the CPU build that installs in seconds here; override it for a CUDA machine,
+# e.g. `make test TORCH_SPEC=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdi-installed
+
+.PHONY: demo test lint format bench bench-accuracy clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,triton,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/toy_looped_transformer_sdi.py --device cpu
+
+test: $(STAMP)
+	$(PY) -m ruff check sdi tests bench examples
+	$(PY) -m ruff format --check sdi tests bench examples
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check sdi tests bench examples
+
+format: $(STAMP)
+	$(PY) -m ruff format sdi tests bench examples
+	$(PY) -m ruff check --fix sdi tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
