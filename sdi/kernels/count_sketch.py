@@ -75,13 +75,9 @@ def bucket_codes(table: CountSketchHash) -> tuple[torch.Tensor, int]:
 def check_table(name: str, x: torch.Tensor, table: CountSketchHash) -> None:
     """Clear errors for a sketch input ``x (..., d)`` that does not fit ``table``."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name}: dtype {x.dtype} is not supported (use float32, float16 or bfloat16)"
-        )
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported (use float32, float16 or bfloat16)")
     if x.dim() == 0 or x.shape[-1] != table.d:
-        raise ValueError(
-            f"{name}: last dimension of shape {tuple(x.shape)} != table size {table.d}"
-        )
+        raise ValueError(f"{name}: last dimension of shape {tuple(x.shape)} != table size {table.d}")
     if table.h.device != x.device or table.s.device != x.device:
         raise ValueError(
             f"{name}: input is on {x.device} but its hash table is on {table.h.device}; "
@@ -89,9 +85,7 @@ def check_table(name: str, x: torch.Tensor, table: CountSketchHash) -> None:
         )
 
 
-def check_out(
-    name: str, out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
+def check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Return ``out`` after checking it, or a fresh fp32 tensor of ``shape`` on ``device``."""
     if out is None:
         return torch.empty(shape, dtype=torch.float32, device=device)
@@ -148,23 +142,12 @@ def count_sketch_rows(x: torch.Tensor, table: CountSketchHash, out: torch.Tensor
     block_n = min(16, triton.next_power_of_2(n_rows))
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(m, block_m),)
     _count_sketch_kernel[grid](
-        x,
-        codes,
-        out,
-        n_rows,
-        m,
-        width,
-        x.stride(0),
-        out.stride(0),
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
+        x, codes, out, n_rows, m, width, x.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_M=block_m
     )
     return out
 
 
-def count_sketch(
-    x: torch.Tensor, table: CountSketchHash, *, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def count_sketch(x: torch.Tensor, table: CountSketchHash, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """CountSketch of the last dimension: ``x (..., d)`` fp32/fp16/bf16 -> ``(..., m)`` fp32.
 
     Same semantics as :func:`sdi.kernels.torch_ops.count_sketch`; a 1-D ``x (d,)`` gives ``(m,)``.

@@ -73,7 +73,7 @@ _DFT_PRECISION = "tf32x3"
 # shared host-side helpers
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _programs_wanted(device: torch.device) -> int:
     """About how many programs keep the device busy: a few per SM on CUDA, a handful elsewhere
     (the interpreter runs programs one by one; 8 still exercises the token split in tests)."""
@@ -94,9 +94,7 @@ def _token_splits(n_tokens: int, other_programs: int, device: torch.device) -> t
 
 def _check_tables(table: TensorSketchHash) -> None:
     if table.out.m != table.inp.m:
-        raise ValueError(
-            f"TensorSketch tables disagree on m: out has {table.out.m}, inp has {table.inp.m}"
-        )
+        raise ValueError(f"TensorSketch tables disagree on m: out has {table.out.m}, inp has {table.inp.m}")
 
 
 def _buckets_int32(table) -> torch.Tensor:
@@ -150,9 +148,7 @@ def _spectrum_dot_kernel(
     tl.store(part_ptr + dst + 1, acc_im, mask=f_ok)
 
 
-def spectrum_dot(
-    spec_a: torch.Tensor, spec_g: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def spectrum_dot(spec_a: torch.Tensor, spec_g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_t spec_a[b, t] * spec_g[b, t]`` for complex spectra given as real views.
 
     spec_a, spec_g: ``(B, T, F, 2)`` fp32 contiguous (``torch.view_as_real`` of ``(B, T, F)``
@@ -172,17 +168,11 @@ def spectrum_dot(
     return _sum_chunks(part, out)
 
 
-def _linear_simple(
-    a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor
-) -> torch.Tensor:
+def _linear_simple(a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor) -> torch.Tensor:
     n_b, n_t, _ = a.shape
     m = table.m
-    cs_a = count_sketch_rows(
-        a.reshape(n_b * n_t, -1), table.inp, a.new_empty(n_b * n_t, m, dtype=torch.float32)
-    )
-    cs_g = count_sketch_rows(
-        g.reshape(n_b * n_t, -1), table.out, a.new_empty(n_b * n_t, m, dtype=torch.float32)
-    )
+    cs_a = count_sketch_rows(a.reshape(n_b * n_t, -1), table.inp, a.new_empty(n_b * n_t, m, dtype=torch.float32))
+    cs_g = count_sketch_rows(g.reshape(n_b * n_t, -1), table.out, a.new_empty(n_b * n_t, m, dtype=torch.float32))
     spec_a = torch.view_as_real(torch.fft.rfft(cs_a.view(n_b, n_t, m), dim=-1))
     del cs_a
     spec_g = torch.view_as_real(torch.fft.rfft(cs_g.view(n_b, n_t, m), dim=-1))
@@ -223,12 +213,7 @@ def _dft_constants(m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             )
 
         neg_k = ((-torch.arange(m // 2 + 1)) % m).to(device)
-        _DFT_CACHE[key] = (
-            *unit_roots(m1, m1, m1),
-            *unit_roots(m2, m2, m2),
-            *unit_roots(m2, m1, m),
-            neg_k,
-        )
+        _DFT_CACHE[key] = (*unit_roots(m1, m1, m1), *unit_roots(m2, m2, m2), *unit_roots(m2, m1, m), neg_k)
     return _DFT_CACHE[key]
 
 
@@ -334,9 +319,7 @@ def _fused_linear_kernel(
     tl.store(dst + M1 * M2, s_im)
 
 
-def _linear_fused(
-    a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor
-) -> torch.Tensor:
+def _linear_fused(a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor) -> torch.Tensor:
     m = table.m
     if m & (m - 1) or not FUSED_MIN_M <= m <= FUSED_MAX_M:
         raise ValueError(
@@ -454,7 +437,7 @@ def _embedding_kernel(
         sign = tl.load(s_out_ptr + token)
         # out[k] += sign * CS(g_t)[(k - shift) mod m]: gather the source bucket's members.
         src = k - shift
-        src = tl.where(src < 0, src + m - 1, src)
+        src = tl.where(src < 0, src + m, src)
         g_row = g_ptr + row * d
         cs = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for slot in range(width):
@@ -503,9 +486,7 @@ def tensor_sketch_embedding(
     lo, hi = ids.aminmax()
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= table.out.d:
-        raise ValueError(
-            f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})"
-        )
+        raise ValueError(f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})")
     ids, g = ids.contiguous(), g.contiguous()
     codes, width = bucket_codes(table.inp)
     h_out = _buckets_int32(table.out)
