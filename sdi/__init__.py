@@ -3,9 +3,11 @@
 Drop-in for ``step-decomposed-influence`` 0.1.1, with kernels chosen by ``SDI_BACKEND``.
 """
 
+__version__ = "0.2.0"  # before the imports: sdi.estimators records it in feature stores
+
 from .backend import backend_info
 from .checkpoints import CheckpointSpec, InfluenceOutputs
-from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
+from .estimators import FullGradientTracInSDI, ProjectedTracInSDI, TopInfluences
 from .featurize import FeatureSet
 
 __all__ = [
@@ -14,6 +16,6 @@ __all__ = [
     "CheckpointSpec",
     "InfluenceOutputs",
     "FeatureSet",
+    "TopInfluences",
     "backend_info",
 ]
-__version__ = "0.2.0"

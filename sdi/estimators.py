@@ -1,24 +1,30 @@
 """The public estimators: projected (sketched) and exact TracIn / SDI, drop-in for
 ``step-decomposed-influence`` 0.1.1.
 
-``influence_across_checkpoints`` streams: per checkpoint it featurises the query set once, then
-walks the train loader batch by batch and contracts each batch straight into the output. Train
-features are summed over steps while they are computed (per-step train features exist only when
-``with_step_matrix=True``) and are dropped after their batch, so memory beyond the model and the
-query features is the output tensor.
+Both share one streaming pass (:meth:`_Estimator._passes`): per checkpoint, the query set is
+featurised once (in chunks of at most ``max_query_bytes``), then the train loader is walked batch
+by batch and each batch is contracted straight into the output and dropped. Train features are
+summed over steps while they are computed (per-step train features exist only when
+``with_step_matrix=True`` needs them), so memory beyond the model is the query features and the
+output. With ``train_store=``, train features go to disk once (:mod:`sdi.store`) and are reused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import hashlib
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import influence
+from . import __version__, influence
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -28,12 +34,51 @@ from .checkpoints import (
     default_load_model_state_dict,
 )
 from .featurize import FeatureSet, Featurizer, LossFn
+from .store import FeatureStore, file_sha256
+
+DEFAULT_MAX_QUERY_BYTES = 2 << 30  # query features held at once; more -> one train pass per chunk
+
+
+@dataclass(frozen=True)
+class TopInfluences:
+    """The ``k`` most and ``k`` least influential train examples for each query.
+
+    Row ``j`` belongs to query ``j`` (query loader order); indices are rows of the train loader.
+    ``*_indices (N_query, k)`` int64, ``*_tracin (N_query, k)``, ``*_sdi (N_query, k, steps_query)``;
+    ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
+    """
+
+    most_indices: torch.Tensor
+    most_tracin: torch.Tensor
+    most_sdi: torch.Tensor
+    least_indices: torch.Tensor
+    least_tracin: torch.Tensor
+    least_sdi: torch.Tensor
+
+
+def _warn_if_shuffled(loader: Iterable[Any], name: str) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(loader, DataLoader) and (
+        isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False)
+    ):
+        warnings.warn(
+            f"{name} reshuffles on every pass ({type(sampler).__name__}). sdi iterates it once per "
+            "checkpoint (and once per query chunk), so output row i is not the same example across "
+            "checkpoints and the summed scores mix examples. Build the loader with shuffle=False.",
+            stacklevel=3,
+        )
+
+
+# One (query chunk, train batch) pair of a pass: (query column offset, query features,
+# train row offset, train features, train steps).
+Pair = tuple[int, torch.Tensor, int, torch.Tensor, int]
 
 
 class _Estimator:
     """Featurisation and influence shared by both estimators (``self._featurizer`` set by each)."""
 
     _featurizer: Featurizer
+    _identity: dict[str, Any]  # what a stored feature depends on, besides parameters and checkpoint
 
     @property
     def model(self) -> nn.Module:
@@ -43,30 +88,168 @@ class _Estimator:
         """Remove every hook from the model."""
         self._featurizer.close()
 
-    def _features(self, loader: Iterable[Any], loss_fn: LossFn, *, sum_steps: bool, bar=None):
-        """Yield ``(features, steps)`` per batch of ``loader``."""
+    def _batches(
+        self, loader, loss_fn, *, per_step: bool, bar=None
+    ) -> Iterator[tuple[torch.Tensor, int]]:
+        """``(features, steps)`` per batch: ``(b, steps, D)`` if ``per_step`` else ``(b, D)``."""
         for batch in loader:
-            yield self._featurizer.compute_batch(batch, loss_fn, sum_steps=sum_steps)
+            yield self._featurizer.compute_batch(batch, loss_fn, sum_steps=not per_step)
             if bar is not None:
                 bar.update(1)
 
-    def _featurize_all(self, loader, loss_fn, *, sum_steps: bool) -> tuple[torch.Tensor, int]:
-        parts, steps = [], None
-        for feats, s in self._features(loader, loss_fn, sum_steps=sum_steps):
-            if steps is not None and s != steps and not sum_steps:
-                raise ValueError(
-                    f"batches of one loader have different step counts: {steps} and {s}"
-                )
-            steps = s
-            parts.append(feats)
-        if not parts:
-            raise ValueError("the loader yielded no batches")
-        return torch.cat(parts), steps
-
     def featurize_loader(self, *, loader: Iterable[Any], loss_fn: LossFn) -> FeatureSet:
         """Per-step features of every example in ``loader``, concatenated in loader order."""
-        flat, steps = self._featurize_all(loader, loss_fn, sum_steps=False)
-        return self._featurizer.feature_set(flat, steps)
+        parts = [feats for feats, _ in self._batches(loader, loss_fn, per_step=True)]
+        if not parts:
+            raise ValueError("the loader yielded no batches")
+        steps = {p.shape[1] for p in parts}
+        if len(steps) > 1:
+            raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
+        return self._featurizer.feature_set(torch.cat(parts), steps.pop())
+
+    def _query_chunks(
+        self, loader, loss_fn, *, per_step: bool, max_bytes: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(column offset, features)``: the query set in chunks of about ``max_bytes`` or less."""
+        parts: list[torch.Tensor] = []
+        offset, steps = 0, set()
+
+        def flush():
+            chunk = torch.cat(parts)
+            parts.clear()
+            return chunk
+
+        for feats, s in self._batches(loader, loss_fn, per_step=per_step):
+            steps.add(s)
+            if per_step and len(steps) > 1:
+                raise ValueError(f"query batches have different step counts: {sorted(steps)}")
+            parts.append(feats)
+            if sum(p.numel() for p in parts) * 4 >= max_bytes:
+                chunk = flush()
+                yield offset, chunk
+                offset += chunk.shape[0]
+        if parts:
+            yield offset, flush()
+        elif offset == 0:
+            raise ValueError("query_loader yielded no batches")
+
+    def _store_for(self, root, checkpoint_path, per_step: bool) -> FeatureStore:
+        path = str(checkpoint_path)
+        # A checkpoint that is no file (custom loader) is identified by its name alone.
+        digest = (
+            file_sha256(path) if os.path.isfile(path) else hashlib.sha256(path.encode()).hexdigest()
+        )
+        layout = "per_step" if per_step else "summed"
+        identity = {
+            **self._identity,
+            "params": [b.name for b in self._featurizer.blocks],
+            "widths": [b.columns.stop - b.columns.start for b in self._featurizer.blocks],
+            "checkpoint": {"file": Path(path).name, "sha256": digest},
+            "layout": layout,
+            "dtype": "float32",
+            "sdi_version": __version__,
+        }
+        return FeatureStore(Path(root) / f"{digest[:16]}-{layout}", identity)
+
+    def _train_stream(self, loader, loss_fn, *, per_step: bool, store: FeatureStore | None, bar):
+        """A callable giving ``(row offset, features, steps)`` per train batch, computed or stored."""
+        device = self._featurizer.device
+
+        def stored():
+            if store.complete:
+                for i, shard in enumerate(store.shards):
+                    yield store.read(i, device), shard["steps"]
+                return
+            for i, batch in enumerate(loader):
+                if i < len(store.shards):  # written before an interruption: read, don't recompute
+                    yield store.read(i, device), store.shards[i]["steps"]
+                    continue
+                feats, steps = self._featurizer.compute_batch(
+                    batch, loss_fn, sum_steps=not per_step
+                )
+                store.append(feats, steps)
+                bar.update(1)
+                yield feats, steps
+            store.finish()
+
+        def stream():
+            offset = 0
+            batches = (
+                self._batches(loader, loss_fn, per_step=per_step, bar=bar)
+                if store is None
+                else stored()
+            )
+            for feats, steps in batches:
+                yield offset, feats, steps
+                offset += feats.shape[0]
+            if offset == 0:
+                raise ValueError("train_loader yielded no batches")
+
+        return stream
+
+    def _passes(
+        self,
+        *,
+        checkpoints,
+        train_loader,
+        query_loader,
+        loss_fn,
+        per_step_train: bool,
+        per_step_query: bool,
+        load_checkpoint_fn,
+        load_model_state_dict_fn,
+        eta_from_checkpoint_fn,
+        progress: bool,
+        progress_desc: str,
+        max_query_bytes: int,
+        train_store,
+    ) -> Iterator[tuple[float, Iterator[Pair]]]:
+        """Per checkpoint: load it, then yield ``(eta_k, pairs)``; see :data:`Pair`."""
+        checkpoints = list(checkpoints)
+        if not checkpoints:
+            raise ValueError("no checkpoints given")
+        if max_query_bytes <= 0:
+            raise ValueError(f"max_query_bytes must be positive, got {max_query_bytes}")
+        _warn_if_shuffled(train_loader, "train_loader")
+        _warn_if_shuffled(query_loader, "query_loader")
+        was_training = self.model.training
+        try:
+            for spec in tqdm(
+                checkpoints, desc=str(progress_desc), disable=not progress, dynamic_ncols=True
+            ):
+                ckpt = load_checkpoint_fn(spec.path)
+                weight = (
+                    float(spec.weight)
+                    if spec.weight is not None
+                    else float(eta_from_checkpoint_fn(ckpt))
+                )
+                load_model_state_dict_fn(self.model, ckpt)
+                del ckpt
+                self.model.eval()
+                store = (
+                    None
+                    if train_store is None
+                    else self._store_for(train_store, spec.path, per_step_train)
+                )
+                with tqdm(
+                    desc="train batches", unit="batch", leave=False, disable=not progress
+                ) as bar:
+                    stream = self._train_stream(
+                        train_loader, loss_fn, per_step=per_step_train, store=store, bar=bar
+                    )
+                    chunks = self._query_chunks(
+                        query_loader, loss_fn, per_step=per_step_query, max_bytes=max_query_bytes
+                    )
+                    yield (
+                        weight,
+                        (
+                            (j0, query, r0, feats, steps)
+                            for j0, query in chunks
+                            for r0, feats, steps in stream()
+                        ),
+                    )
+        finally:
+            self.model.train(was_training)
 
     def influence_across_checkpoints(
         self,
@@ -86,6 +269,8 @@ class _Estimator:
         eta_from_checkpoint_fn: Callable[[dict[str, Any]], float] = default_eta_from_checkpoint,
         progress: bool = False,
         progress_desc: str = "checkpoints",
+        max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
+        train_store: str | Path | None = None,
     ) -> InfluenceOutputs:
         """SDI and TracIn summed over checkpoints with weights ``eta_k``.
 
@@ -94,87 +279,152 @@ class _Estimator:
         the train set. Returns :class:`InfluenceOutputs` with ``sdi (N_train, N_query, steps_q)``
         (``None`` in ``mode="tracin"``), ``tracin (N_train, N_query)`` and, with
         ``with_step_matrix=True``, ``sdi_matrix (N_train, N_query, steps_tr, steps_q)``. Rows follow
-        the train loader's order, columns the query loader's. The chunk sizes bound the size of one
-        contraction's temporaries.
+        the train loader's order, columns the query loader's.
+
+        Args beyond the reference's:
+            max_query_bytes: the most query-feature memory held at once. A larger query set is
+                processed in chunks, each with its own pass over the train set: less memory, more
+                time (the train set is featurised once per chunk unless ``train_store`` is set).
+            train_store: a folder for train features (:mod:`sdi.store`): written on the first run,
+                read by later runs with other query sets, resumed after an interruption.
+        The chunk sizes bound the temporaries of one contraction.
         """
         if mode not in ("sdi", "tracin"):
             raise ValueError(f"mode must be 'sdi' or 'tracin', got {mode!r}")
         if with_step_matrix and mode != "sdi":
             raise ValueError("with_step_matrix=True needs mode='sdi'")
-        checkpoints = list(checkpoints)
-        if not checkpoints:
-            raise ValueError("no checkpoints given")
         chunks = (train_chunk_size, query_chunk_size)
         totals: dict[str, torch.Tensor] | None = None
-        was_training = self.model.training
-        try:
-            for spec in tqdm(
-                checkpoints, desc=str(progress_desc), disable=not progress, dynamic_ncols=True
-            ):
-                ckpt = load_checkpoint_fn(spec.path)
-                weight = (
-                    float(spec.weight)
-                    if spec.weight is not None
-                    else float(eta_from_checkpoint_fn(ckpt))
-                )
-                load_model_state_dict_fn(self.model, ckpt)
-                del ckpt
-                self.model.eval()
-                query, _ = self._featurize_all(query_loader, loss_fn, sum_steps=mode == "tracin")
-                query_sum = query if mode == "tracin" else query.sum(dim=1)
-                blocks: dict[str, list[torch.Tensor]] = {}
-                train_steps = None
-                bar = tqdm(desc="train batches", unit="batch", leave=False, disable=not progress)
-                for feats, steps in self._features(
-                    train_loader, loss_fn, sum_steps=not with_step_matrix, bar=bar
-                ):
-                    if with_step_matrix:
-                        if train_steps is not None and steps != train_steps:
-                            raise ValueError(
-                                f"train batches have different step counts: {train_steps} and {steps}"
-                            )
-                        train_steps = steps
-                        blocks.setdefault("sdi_matrix", []).append(
-                            influence.step_matrix(feats, query, *chunks)
+        for weight, pairs in self._passes(
+            checkpoints=checkpoints,
+            train_loader=train_loader,
+            query_loader=query_loader,
+            loss_fn=loss_fn,
+            per_step_train=with_step_matrix,
+            per_step_query=mode == "sdi",
+            load_checkpoint_fn=load_checkpoint_fn,
+            load_model_state_dict_fn=load_model_state_dict_fn,
+            eta_from_checkpoint_fn=eta_from_checkpoint_fn,
+            progress=progress,
+            progress_desc=progress_desc,
+            max_query_bytes=max_query_bytes,
+            train_store=train_store,
+        ):
+            blocks: dict[str, dict[int, list[torch.Tensor]]] = {}  # output -> column offset -> rows
+            train_steps = set()
+            for j0, query, _, feats, steps in pairs:
+                if with_step_matrix:
+                    train_steps.add(steps)
+                    if len(train_steps) > 1:
+                        raise ValueError(
+                            f"train batches have different step counts: {sorted(train_steps)}"
                         )
-                        feats = feats.sum(dim=1)
-                    if mode == "sdi":
-                        blocks.setdefault("sdi", []).append(
-                            influence.query_sdi(feats, query, *chunks)
-                        )
-                    else:
-                        blocks.setdefault("tracin", []).append(
-                            influence.tracin(feats, query_sum, *chunks)
-                        )
-                bar.close()
-                if not blocks:
-                    raise ValueError("train_loader yielded no batches")
-                totals = _accumulate(totals, blocks, weight)
-        finally:
-            self.model.train(was_training)
+                    blocks.setdefault("sdi_matrix", {}).setdefault(j0, []).append(
+                        influence.step_matrix(feats, query, *chunks)
+                    )
+                    feats = feats.sum(dim=1)
+                if mode == "sdi":
+                    blocks.setdefault("sdi", {}).setdefault(j0, []).append(
+                        influence.query_sdi(feats, query, *chunks)
+                    )
+                else:
+                    blocks.setdefault("tracin", {}).setdefault(j0, []).append(
+                        influence.tracin(feats, query, *chunks)
+                    )
+            result = {
+                key: torch.cat([torch.cat(cols[j0]) for j0 in sorted(cols)], dim=1)
+                for key, cols in blocks.items()
+            }
+            totals = _accumulate(totals, result, weight)
         if mode == "tracin":
             return InfluenceOutputs(sdi=None, tracin=totals["tracin"], sdi_matrix=None)
         return InfluenceOutputs(
             sdi=totals["sdi"], tracin=totals["sdi"].sum(dim=2), sdi_matrix=totals.get("sdi_matrix")
         )
 
+    def top_influences(
+        self,
+        *,
+        k: int,
+        checkpoints: Sequence[CheckpointSpec],
+        train_loader: Iterable[Any],
+        query_loader: Iterable[Any],
+        loss_fn: LossFn,
+        load_checkpoint_fn: Callable[[str | Path], dict[str, Any]] = default_load_checkpoint,
+        load_model_state_dict_fn: Callable[
+            [nn.Module, dict[str, Any]], None
+        ] = default_load_model_state_dict,
+        eta_from_checkpoint_fn: Callable[[dict[str, Any]], float] = default_eta_from_checkpoint,
+        progress: bool = False,
+        progress_desc: str = "checkpoints",
+        max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
+        train_store: str | Path | None = None,
+    ) -> TopInfluences:
+        """The ``k`` most and least influential train examples per query, with SDI trajectories.
 
-def _accumulate(
-    totals, blocks: dict[str, list[torch.Tensor]], weight: float
-) -> dict[str, torch.Tensor]:
-    """Add ``weight`` times one checkpoint's row blocks to the running totals."""
-    if totals is None:
-        return {key: torch.cat(parts).mul_(weight) for key, parts in blocks.items()}
-    for key, parts in blocks.items():
-        rows = sum(p.shape[0] for p in parts)
-        if rows != totals[key].shape[0]:
-            raise ValueError(
-                f"train_loader yielded {rows} examples at this checkpoint but {totals[key].shape[0]} before"
+        Never forms the dense ``(N_train, N_query, steps)`` SDI: a first pass computes TracIn
+        ``(N_train, N_query)`` (fast mode) and ranks it; a second pass computes SDI only for the
+        selected (train, query) pairs. Pass ``train_store`` to featurise the train set once for both.
+        Other arguments as in :meth:`influence_across_checkpoints`.
+        """
+        if int(k) <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        common = dict(
+            checkpoints=checkpoints,
+            train_loader=train_loader,
+            query_loader=query_loader,
+            loss_fn=loss_fn,
+            load_checkpoint_fn=load_checkpoint_fn,
+            load_model_state_dict_fn=load_model_state_dict_fn,
+            eta_from_checkpoint_fn=eta_from_checkpoint_fn,
+            progress=progress,
+            progress_desc=progress_desc,
+            max_query_bytes=max_query_bytes,
+            train_store=train_store,
+        )
+        tracin = self.influence_across_checkpoints(mode="tracin", **common).tracin
+        n_train = tracin.shape[0]
+        if k > n_train:
+            warnings.warn(
+                f"k={k} exceeds the {n_train} train examples; returning all of them", stacklevel=2
             )
-        start = 0
-        for part in parts:
-            totals[key][start : start + part.shape[0]].add_(part, alpha=weight)
-            start += part.shape[0]
+            k = n_train
+        most = tracin.topk(k, dim=0)
+        least = tracin.topk(k, dim=0, largest=False)
+        chosen = torch.cat([most.indices, least.indices]).T.contiguous()  # (N_query, 2k)
+        trajectories = None
+        for weight, pairs in self._passes(per_step_train=False, per_step_query=True, **common):
+            for j0, query, r0, feats, _ in pairs:
+                rows = chosen[j0 : j0 + query.shape[0]] - r0
+                hit = (rows >= 0) & (rows < feats.shape[0])
+                if not hit.any():
+                    continue
+                if trajectories is None:
+                    trajectories = torch.zeros(*chosen.shape, query.shape[1], device=query.device)
+                j, p = hit.nonzero(as_tuple=True)
+                block = influence.query_sdi(feats, query)  # (b, n_query_chunk, steps)
+                trajectories[j0 + j, p] += weight * block[rows[j, p], j]
+        return TopInfluences(
+            most_indices=most.indices.T,
+            most_tracin=most.values.T,
+            most_sdi=trajectories[:, :k],
+            least_indices=least.indices.T,
+            least_tracin=least.values.T,
+            least_sdi=trajectories[:, k:],
+        )
+
+
+def _accumulate(totals, result: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+    """Add ``weight`` times one checkpoint's outputs to the running totals."""
+    if totals is None:
+        return {key: value.mul_(weight) for key, value in result.items()}
+    for key, value in result.items():
+        if value.shape != totals[key].shape:
+            raise ValueError(
+                f"{key} has shape {tuple(value.shape)} at this checkpoint but {tuple(totals[key].shape)} "
+                "before: the loaders must yield the same examples at every checkpoint"
+            )
+        totals[key].add_(value, alpha=weight)
     return totals
 
 
@@ -216,6 +466,11 @@ class ProjectedTracInSDI(_Estimator):
     ) -> None:
         if int(projection_size) <= 0:
             raise ValueError(f"projection_size must be positive, got {projection_size}")
+        self._identity = {
+            "estimator": "projected",
+            "seed": int(seed),
+            "projection_size": int(projection_size),
+        }
         self._featurizer = Featurizer(
             model=model,
             target_modules=target_modules,
@@ -248,6 +503,7 @@ class FullGradientTracInSDI(_Estimator):
         allow_mixed_steps: bool = False,
         strict: bool = True,
     ) -> None:
+        self._identity = {"estimator": "exact"}
         self._featurizer = Featurizer(
             model=model,
             target_modules=target_modules,

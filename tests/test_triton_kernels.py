@@ -136,18 +136,23 @@ def test_linear_matches_torch(path, n_b, n_t, d_in, d_out, m, dtype):
     out = _nan_out(n_b, m)
     got = tensor_sketch_linear(a, g, table, path=path, out=out)
     assert got is out
-    _assert_close(got, torch_ops.tensor_sketch_linear(a, g, table))
+    # fused: on a GPU its DFT runs as three TF32 passes, a little below fp32 accuracy
+    _assert_close(
+        got, torch_ops.tensor_sketch_linear(a, g, table), 1e-4 if path == "fused" else 1e-5
+    )
 
 
 @pytest.mark.parametrize("path", ["simple", "fused"])
 def test_linear_equals_explicit_sketch_across_scales(path):
-    """Grad-outputs 1e9 times smaller than activations: the fused path's packed transform must
-    keep the cross term; both paths must equal the sketch of the materialised gradient."""
+    """Grad-outputs 1e9 times smaller than activations, and one token with an all-zero grad (as
+    the last position of a next-token loss): the fused path's packed transform must keep the
+    cross term; both paths must equal the sketch of the materialised gradient."""
     gen = _generator("lin-explicit", path)
     n_b, n_t, d_in, d_out, m = 2, 4, 11, 6, 64
     table = draw_tensor_sketch(d_out, d_in, m, gen).to(DEVICE)
     a = _randn(gen, n_b, n_t, d_in, scale=1e3)
     g = _randn(gen, n_b, n_t, d_out, scale=1e-6)
+    g[:, -1] = 0.0
     phi = torch.einsum("bti,btj->bij", g.double(), a.double()).float()
     _assert_close(
         tensor_sketch_linear(a, g, table, path=path), sketch_matrix_explicit(phi, table), 1e-4

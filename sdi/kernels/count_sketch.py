@@ -7,7 +7,8 @@ Math (see :mod:`sdi.sketch`): with a bucket ``h: [d] -> [m]`` and a sign ``s: [d
 Scheme: a *gather*, not a scatter. The hash is turned once per table into a padded bucket list
 ``codes (L, m)`` int32 (see :func:`bucket_codes`): column ``k`` lists the members ``j`` of bucket
 ``k`` as signed codes ``s(j) * (j + 1)``, zero-padded to the largest bucket size ``L``. Each program
-then owns a ``(BLOCK_N, BLOCK_M)`` output tile and sums ``L`` gathered, signed inputs into it.
+then owns a ``(BLOCK_N, BLOCK_M)`` output tile and sums ``L`` gathered, signed inputs into it,
+``GATHER_UNROLL`` slots per loop step.
 
 Why a gather: every output element is written exactly once, so there is no zero-fill pass, no
 atomics (the result is bitwise deterministic), and the output stores are coalesced. The scattered
@@ -29,6 +30,10 @@ import triton.language as tl
 from ..sketch import CountSketchHash
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Bucket-list slots gathered per loop step: that many independent code -> value load chains are in
+# flight at once (a gather waits on memory twice in a row; one chain at a time stalls on latency).
+GATHER_UNROLL = 4
 
 # Per hash table: the packed device tensors derived from it, keyed on ``id(table.h)`` and dropped
 # when that tensor dies (a WeakKeyDictionary would compare tensors with ``==`` on hash collisions).
@@ -75,9 +80,13 @@ def bucket_codes(table: CountSketchHash) -> tuple[torch.Tensor, int]:
 def check_table(name: str, x: torch.Tensor, table: CountSketchHash) -> None:
     """Clear errors for a sketch input ``x (..., d)`` that does not fit ``table``."""
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} is not supported (use float32, float16 or bfloat16)")
+        raise TypeError(
+            f"{name}: dtype {x.dtype} is not supported (use float32, float16 or bfloat16)"
+        )
     if x.dim() == 0 or x.shape[-1] != table.d:
-        raise ValueError(f"{name}: last dimension of shape {tuple(x.shape)} != table size {table.d}")
+        raise ValueError(
+            f"{name}: last dimension of shape {tuple(x.shape)} != table size {table.d}"
+        )
     if table.h.device != x.device or table.s.device != x.device:
         raise ValueError(
             f"{name}: input is on {x.device} but its hash table is on {table.h.device}; "
@@ -85,7 +94,9 @@ def check_table(name: str, x: torch.Tensor, table: CountSketchHash) -> None:
         )
 
 
-def check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def check_out(
+    name: str, out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
     """Return ``out`` after checking it, or a fresh fp32 tensor of ``shape`` on ``device``."""
     if out is None:
         return torch.empty(shape, dtype=torch.float32, device=device)
@@ -111,6 +122,7 @@ def _count_sketch_kernel(
     stride_out,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     # Bucket blocks vary fastest, so programs running together share their input rows in cache.
     n_mblocks = tl.cdiv(m, BLOCK_M)
@@ -121,12 +133,17 @@ def _count_sketch_kernel(
     col_ok = cols < m
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for slot in range(L):
-        code = tl.load(codes_ptr + slot * m + cols, mask=col_ok, other=0)
-        j = tl.abs(code) - 1
-        v = tl.load(x_rows + j[None, :], mask=row_ok[:, None] & (code != 0)[None, :], other=0.0)
-        v = v.to(tl.float32)
-        acc += tl.where((code > 0)[None, :], v, -v)
+    for slot0 in range(0, L, UNROLL):
+        for u in tl.static_range(UNROLL):
+            slot = slot0 + u
+            # Slots past the list load nothing. (A bucket limit rather than `col_ok & (slot < L)`:
+            # the interpreter mis-types a tensor-and-scalar boolean `&`.)
+            n_live = tl.where(slot < L, m, 0)
+            code = tl.load(codes_ptr + slot * m + cols, mask=cols < n_live, other=0)
+            j = tl.abs(code) - 1
+            v = tl.load(x_rows + j[None, :], mask=row_ok[:, None] & (code != 0)[None, :], other=0.0)
+            v = v.to(tl.float32)
+            acc += tl.where((code > 0)[None, :], v, -v)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -142,12 +159,24 @@ def count_sketch_rows(x: torch.Tensor, table: CountSketchHash, out: torch.Tensor
     block_n = min(16, triton.next_power_of_2(n_rows))
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(m, block_m),)
     _count_sketch_kernel[grid](
-        x, codes, out, n_rows, m, width, x.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_M=block_m
+        x,
+        codes,
+        out,
+        n_rows,
+        m,
+        width,
+        x.stride(0),
+        out.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        UNROLL=GATHER_UNROLL,
     )
     return out
 
 
-def count_sketch(x: torch.Tensor, table: CountSketchHash, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def count_sketch(
+    x: torch.Tensor, table: CountSketchHash, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """CountSketch of the last dimension: ``x (..., d)`` fp32/fp16/bf16 -> ``(..., m)`` fp32.
 
     Same semantics as :func:`sdi.kernels.torch_ops.count_sketch`; a 1-D ``x (d,)`` gives ``(m,)``.

@@ -1,7 +1,7 @@
 """Triton TensorSketch of per-example Linear and Embedding weight gradients.
 
 For one use of an ``nn.Linear`` with activations ``a (B, T, d_in)`` and grad-outputs
-``g (B, T, d_out)``, the per-example gradient is ``phi_b = G_b^T A_b (d_out, d_in)``; its sketch is::
+``g (B, T, d_out)``, the per-example gradient is ``phi_b = G_b^T A_b (d_out, d_in)``, sketched as::
 
     TS(phi_b) = irfft( sum_t rfft(CS_out(g[b, t])) * rfft(CS_in(a[b, t])) )        (B, m) fp32
 
@@ -27,7 +27,7 @@ computed without ever forming ``phi_b``. Two paths, selected by ``path=``:
     activations and grad-outputs differ in scale by many orders of magnitude. Needs ``m`` a power
     of two with ``16 <= m <= 4096`` (the DFT matrices and one token's spectrum live in registers).
 
-Four-step DFT (``m = m1 * m2``, ``n = m2*n1 + n2``, ``k = k1 + m1*k2``, ``w_q = exp(-2 pi i / q)``)::
+Four-step DFT (``m = m1*m2``, ``n = m2*n1 + n2``, ``k = k1 + m1*k2``, ``w_q = exp(-2 pi i / q)``)::
 
     X[k1 + m1 k2] = sum_n2 w_m2^(n2 k2) * w_m^(n2 k1) * sum_n1 w_m1^(n1 k1) * c[m2 n1 + n2]
 
@@ -52,8 +52,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sketch import TensorSketchHash
-from .count_sketch import bucket_codes, check_out, check_table, count_sketch_rows, table_cache
+from ..sketch import CountSketchHash, TensorSketchHash
+from .count_sketch import (
+    GATHER_UNROLL,
+    bucket_codes,
+    check_out,
+    check_table,
+    count_sketch_rows,
+    table_cache,
+)
 
 # Default path. "simple" is the default because it is the robust one: cuFFT and two memory-bound
 # kernels, correct for every m, and the fused kernel's per-token register-resident DFT has not yet
@@ -73,7 +80,7 @@ _DFT_PRECISION = "tf32x3"
 # shared host-side helpers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """About how many programs keep the device busy: a few per SM on CUDA, a handful elsewhere
     (the interpreter runs programs one by one; 8 still exercises the token split in tests)."""
@@ -94,19 +101,21 @@ def _token_splits(n_tokens: int, other_programs: int, device: torch.device) -> t
 
 def _check_tables(table: TensorSketchHash) -> None:
     if table.out.m != table.inp.m:
-        raise ValueError(f"TensorSketch tables disagree on m: out has {table.out.m}, inp has {table.inp.m}")
+        raise ValueError(
+            f"TensorSketch tables disagree on m: out has {table.out.m}, inp has {table.inp.m}"
+        )
 
 
-def _buckets_int32(table) -> torch.Tensor:
+def _buckets_int32(table: CountSketchHash) -> torch.Tensor:
     """``table.h`` as int32 on its device, cached per table."""
     entry = table_cache(table)
     if "h32" not in entry:
-        entry["h32"] = table.h.to(torch.int32)
+        entry["h32"] = table.h.to(torch.int32, copy=True)  # never `h` itself: it keys the cache
     return entry["h32"]
 
 
 def _sum_chunks(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = part.sum(0)`` without a copy when there is a single chunk (then ``part`` is ``out``)."""
+    """``out = part.sum(0)``; a single chunk was written straight into ``out``."""
     if part.data_ptr() != out.data_ptr():
         torch.sum(part, dim=0, out=out)
     return out
@@ -148,7 +157,9 @@ def _spectrum_dot_kernel(
     tl.store(part_ptr + dst + 1, acc_im, mask=f_ok)
 
 
-def spectrum_dot(spec_a: torch.Tensor, spec_g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def spectrum_dot(
+    spec_a: torch.Tensor, spec_g: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum_t spec_a[b, t] * spec_g[b, t]`` for complex spectra given as real views.
 
     spec_a, spec_g: ``(B, T, F, 2)`` fp32 contiguous (``torch.view_as_real`` of ``(B, T, F)``
@@ -168,11 +179,17 @@ def spectrum_dot(spec_a: torch.Tensor, spec_g: torch.Tensor, out: torch.Tensor |
     return _sum_chunks(part, out)
 
 
-def _linear_simple(a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor) -> torch.Tensor:
+def _linear_simple(
+    a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor
+) -> torch.Tensor:
     n_b, n_t, _ = a.shape
     m = table.m
-    cs_a = count_sketch_rows(a.reshape(n_b * n_t, -1), table.inp, a.new_empty(n_b * n_t, m, dtype=torch.float32))
-    cs_g = count_sketch_rows(g.reshape(n_b * n_t, -1), table.out, a.new_empty(n_b * n_t, m, dtype=torch.float32))
+    cs_a = count_sketch_rows(
+        a.reshape(n_b * n_t, -1), table.inp, a.new_empty(n_b * n_t, m, dtype=torch.float32)
+    )
+    cs_g = count_sketch_rows(
+        g.reshape(n_b * n_t, -1), table.out, a.new_empty(n_b * n_t, m, dtype=torch.float32)
+    )
     spec_a = torch.view_as_real(torch.fft.rfft(cs_a.view(n_b, n_t, m), dim=-1))
     del cs_a
     spec_g = torch.view_as_real(torch.fft.rfft(cs_g.view(n_b, n_t, m), dim=-1))
@@ -213,11 +230,16 @@ def _dft_constants(m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             )
 
         neg_k = ((-torch.arange(m // 2 + 1)) % m).to(device)
-        _DFT_CACHE[key] = (*unit_roots(m1, m1, m1), *unit_roots(m2, m2, m2), *unit_roots(m2, m1, m), neg_k)
+        _DFT_CACHE[key] = (
+            *unit_roots(m1, m1, m1),
+            *unit_roots(m2, m2, m2),
+            *unit_roots(m2, m1, m),
+            neg_k,
+        )
     return _DFT_CACHE[key]
 
 
-def _fused_codes(table, m1: int, m2: int) -> tuple[torch.Tensor, int]:
+def _fused_codes(table: CountSketchHash, m1: int, m2: int) -> tuple[torch.Tensor, int]:
     """Bucket lists laid out for the four-step input, ``(width, m2, m1)`` int32, cached per table:
     ``[slot, n2, n1]`` lists bucket ``m2*n1 + n2``."""
     entry = table_cache(table)
@@ -232,19 +254,25 @@ def _fused_codes(table, m1: int, m2: int) -> tuple[torch.Tensor, int]:
 def _mm(x, y, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """``x @ y`` for fp32 tiles; ``tl.dot`` needs every dimension >= 16, tiny ones use a sum."""
     if USE_DOT:
-        return tl.dot(x, y, input_precision=PRECISION)
+        prod = tl.dot(x, y, input_precision=PRECISION)
     else:
-        return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
+        prod = tl.sum(x[:, :, None] * y[None, :, :], axis=1)
+    return prod
 
 
 @triton.jit
-def _gather_sketch(row_ptr, codes_ptr, width, offs, M1: tl.constexpr, M2: tl.constexpr):
+def _gather_sketch(
+    row_ptr, codes_ptr, width, offs, M1: tl.constexpr, M2: tl.constexpr, UNROLL: tl.constexpr
+):
     """CountSketch of one input row into the ``(M2, M1)`` four-step layout (see ``offs``)."""
     acc = tl.zeros((M2, M1), dtype=tl.float32)
-    for slot in range(width):
-        code = tl.load(codes_ptr + slot * (M1 * M2) + offs)
-        v = tl.load(row_ptr + (tl.abs(code) - 1), mask=code != 0, other=0.0).to(tl.float32)
-        acc += tl.where(code > 0, v, -v)
+    for slot0 in range(0, width, UNROLL):
+        for u in tl.static_range(UNROLL):
+            slot = slot0 + u
+            n_live = tl.where(slot < width, M1 * M2, 0)  # slots past the list load nothing
+            code = tl.load(codes_ptr + slot * (M1 * M2) + offs, mask=offs < n_live, other=0)
+            v = tl.load(row_ptr + (tl.abs(code) - 1), mask=code != 0, other=0.0).to(tl.float32)
+            acc += tl.where(code > 0, v, -v)
     return acc
 
 
@@ -272,6 +300,7 @@ def _fused_linear_kernel(
     M2: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -292,8 +321,8 @@ def _fused_linear_kernel(
     t_hi = tl.minimum(t_lo + tokens_per_chunk, T)
     for t in range(t_lo, t_hi):
         row = (b * T + t).to(tl.int64)
-        c_a = _gather_sketch(a_ptr + row * d_in, codes_a_ptr, width_a, offs, M1, M2)
-        c_g = _gather_sketch(g_ptr + row * d_out, codes_g_ptr, width_g, offs, M1, M2)
+        c_a = _gather_sketch(a_ptr + row * d_in, codes_a_ptr, width_a, offs, M1, M2, UNROLL)
+        c_g = _gather_sketch(g_ptr + row * d_out, codes_g_ptr, width_g, offs, M1, M2, UNROLL)
         # alpha = 2^trunc(log2(|c_a| / |c_g|)): a power of two, exact to multiply and divide by.
         ss_a = tl.sum(tl.sum(c_a * c_a, axis=1), axis=0)
         ss_g = tl.sum(tl.sum(c_g * c_g, axis=1), axis=0)
@@ -311,7 +340,9 @@ def _fused_linear_kernel(
         # X = F2 @ Q
         x_re = _mm(f2r, q_re, USE_DOT, PRECISION) - _mm(f2i, q_im, USE_DOT, PRECISION)
         x_im = _mm(f2r, q_im, USE_DOT, PRECISION) + _mm(f2i, q_re, USE_DOT, PRECISION)
-        inv_alpha = 1.0 / alpha
+        # A token with an all-zero side contributes exactly nothing; skipping it also keeps the
+        # rounding noise of its unbalanced square (e.g. the last position's zero grad) out of S.
+        inv_alpha = tl.where(both, 1.0 / alpha, 0.0)
         s_re += (x_re * x_re - x_im * x_im) * inv_alpha
         s_im += 2.0 * x_re * x_im * inv_alpha
     dst = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (2 * M1 * M2) + offs
@@ -319,12 +350,14 @@ def _fused_linear_kernel(
     tl.store(dst + M1 * M2, s_im)
 
 
-def _linear_fused(a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor) -> torch.Tensor:
+def _linear_fused(
+    a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor
+) -> torch.Tensor:
     m = table.m
     if m & (m - 1) or not FUSED_MIN_M <= m <= FUSED_MAX_M:
         raise ValueError(
-            f"tensor_sketch_linear(path='fused') needs m a power of two in [{FUSED_MIN_M}, {FUSED_MAX_M}], "
-            f"got m={m}; use path='simple' (any m)"
+            f"tensor_sketch_linear(path='fused') needs m a power of two in "
+            f"[{FUSED_MIN_M}, {FUSED_MAX_M}], got m={m}; use path='simple' (any m)"
         )
     n_b, n_t, d_in = a.shape
     d_out = g.shape[-1]
@@ -357,6 +390,7 @@ def _linear_fused(a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out
         M2=m2,
         USE_DOT=min(m1, m2) >= 16,
         PRECISION=_DFT_PRECISION,
+        UNROLL=GATHER_UNROLL,
         num_warps=4 if m <= 512 else (8 if m <= 2048 else 16),
     )
     s = part.sum(dim=1)  # (B, 2, m)
@@ -380,8 +414,9 @@ def tensor_sketch_linear(
     """TensorSketch of per-example Linear weight gradients ``G_b^T A_b``, never materialised.
 
     a: ``(B, T, d_in)`` activations; g: ``(B, T, d_out)`` grad-outputs (fp32/fp16/bf16, same
-    device as ``table``). Returns ``(B, m)`` fp32 = ``irfft(sum_T rfft(CS_out(g)) * rfft(CS_in(a)))``,
-    as :func:`sdi.kernels.torch_ops.tensor_sketch_linear`. ``path``: ``"simple"`` (any m) or
+    device as ``table``). Returns ``(B, m)`` fp32,
+    ``irfft(sum_T rfft(CS_out(g)) * rfft(CS_in(a)))``, as
+    :func:`sdi.kernels.torch_ops.tensor_sketch_linear`. ``path``: ``"simple"`` (any m) or
     ``"fused"`` (m a power of two in [16, 4096]); see the module docstring. ``out``, if given, is a
     contiguous fp32 ``(B, m)`` tensor that receives the result.
     """
@@ -422,6 +457,7 @@ def _embedding_kernel(
     width,
     tokens_per_chunk,
     BLOCK_M: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     b = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -440,10 +476,14 @@ def _embedding_kernel(
         src = tl.where(src < 0, src + m, src)
         g_row = g_ptr + row * d
         cs = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for slot in range(width):
-            code = tl.load(codes_ptr + slot * m + src, mask=k_ok, other=0)
-            v = tl.load(g_row + (tl.abs(code) - 1), mask=code != 0, other=0.0).to(tl.float32)
-            cs += tl.where(code > 0, v, -v)
+        for slot0 in range(0, width, UNROLL):
+            for u in tl.static_range(UNROLL):
+                slot = slot0 + u
+                n_live = tl.where(slot < width, m, 0)  # slots past the list load nothing
+                code = tl.load(codes_ptr + slot * m + src, mask=k < n_live, other=0)
+                v = tl.load(g_row + (tl.abs(code) - 1), mask=code != 0, other=0.0)
+                v = v.to(tl.float32)
+                cs += tl.where(code > 0, v, -v)
         acc += sign * cs
     tl.store(part_ptr + (chunk * B + b).to(tl.int64) * m + k, acc, mask=k_ok)
 
@@ -466,7 +506,8 @@ def tensor_sketch_embedding(
     _check_tables(table)
     if ids.dim() != 2 or g.dim() != 3 or ids.shape != g.shape[:2]:
         raise ValueError(
-            f"tensor_sketch_embedding: need ids (B, T) and g (B, T, d); got ids {tuple(ids.shape)}, g {tuple(g.shape)}"
+            "tensor_sketch_embedding: need ids (B, T) and g (B, T, d); "
+            f"got ids {tuple(ids.shape)}, g {tuple(g.shape)}"
         )
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"tensor_sketch_embedding: ids must be an integer tensor, got {ids.dtype}")
@@ -475,8 +516,8 @@ def tensor_sketch_embedding(
     check_table("tensor_sketch_embedding (g vs table.inp)", g, table.inp)
     if table.out.h.device != g.device:
         raise ValueError(
-            f"tensor_sketch_embedding: g is on {g.device} but table.out is on {table.out.h.device}; "
-            "move the table with table.to(device)"
+            f"tensor_sketch_embedding: g is on {g.device} but table.out is on "
+            f"{table.out.h.device}; move the table with table.to(device)"
         )
     n_b, n_t, d = g.shape
     m = table.m
@@ -486,7 +527,9 @@ def tensor_sketch_embedding(
     lo, hi = ids.aminmax()
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= table.out.d:
-        raise ValueError(f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})")
+        raise ValueError(
+            f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})"
+        )
     ids, g = ids.contiguous(), g.contiguous()
     codes, width = bucket_codes(table.inp)
     h_out = _buckets_int32(table.out)
@@ -495,6 +538,19 @@ def tensor_sketch_embedding(
     n_chunks, per_chunk = _token_splits(n_t, n_b * n_mblocks, g.device)
     part = out.unsqueeze(0) if n_chunks == 1 else out.new_empty(n_chunks, n_b, m)
     _embedding_kernel[(n_b, n_mblocks, n_chunks)](
-        ids, g, codes, h_out, table.out.s, part, n_b, n_t, d, m, width, per_chunk, BLOCK_M=block_m
+        ids,
+        g,
+        codes,
+        h_out,
+        table.out.s,
+        part,
+        n_b,
+        n_t,
+        d,
+        m,
+        width,
+        per_chunk,
+        BLOCK_M=block_m,
+        UNROLL=GATHER_UNROLL,
     )
     return _sum_chunks(part, out)

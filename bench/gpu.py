@@ -1,0 +1,413 @@
+"""GPU check and benchmark of the sketch kernels: ``bash bench/gpu.sh [--out FILE]``.
+
+1. Correctness on the device: every Triton kernel against the torch backend, on odd shapes and on
+   every timed case; prints the max relative error (max |diff| / max |ref|). Any error above
+   ``TOL`` is printed as FAIL and makes the script exit 1 (after finishing the rest).
+2. Timings, median of ``triton.testing.do_bench``: torch backend vs Triton TensorSketch path
+   ``"simple"`` (a) vs ``"fused"`` (b); the Embedding kernel; and end to end,
+   ``ProjectedTracInSDI.featurize_loader`` with ``SDI_BACKEND=torch`` and ``=triton`` on a looped
+   GPT-style model (~135M parameters, tau=32) against a plain forward+backward of the same batch.
+3. Markdown tables, printed and written to ``--out`` (rewritten after every case, so a run cut
+   short still leaves what it measured). The floor of a case is the time to read its activations
+   and grad-outputs once at the copy bandwidth measured on ``torch.empty_like(x).copy_(x)``.
+
+Sized to finish in a few minutes on an H200 with no network (most of it is Triton compiling).
+``--smoke`` runs the same script with tiny shapes on the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the first import of triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+try:
+    from sdi import ProjectedTracInSDI  # noqa: E402
+    from sdi.kernels import torch_ops  # noqa: E402
+    from sdi.kernels.count_sketch import count_sketch  # noqa: E402
+    from sdi.kernels.tensor_sketch import (  # noqa: E402
+        DEFAULT_PATH,
+        tensor_sketch_embedding,
+        tensor_sketch_linear,
+    )
+    from sdi.sketch import draw_count_sketch, draw_tensor_sketch  # noqa: E402
+    from sdi.toy import LoopedTransformer, next_token_loss  # noqa: E402
+except ImportError as err:
+    sys.exit(f"cannot import sdi ({err}); on a machine without its dependencies see bench/gpu.sh")
+
+TOL = 1e-3
+E2E_TOL = 2e-2
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+# (B, T, d_in, d_out, m) per timed Linear case, (B, T, V, d, m) for the Embedding, and the looped
+# model (vocab, d_model, heads, tau, seq, batch, m).
+if SMOKE:
+    LINEAR_CASES = [(2, 8, 48, 40, 64), (3, 4, 32, 32, 128)]
+    EMBEDDING_CASE = (2, 8, 500, 32, 64)
+    MODEL_CASE = (64, 32, 2, 2, 8, 2, 64)
+    CHECK_DIMS = (2, 3, 13, 7)  # B, T, d_in, d_out of the odd-shape checks
+    CHECK_M = {"simple": (64, 96), "fused": (64, 256)}
+    COPY_BYTES = 16 * 2**20
+else:
+    LINEAR_CASES = [(8, 2048, 4096, 4096, 2048), (32, 512, 1024, 1024, 1024)]
+    EMBEDDING_CASE = (8, 2048, 50_000, 1024, 2048)
+    # 2 * 50257 * 1152 (embedding + head) + 12 * 1152^2 (the shared block) ~ 132M parameters.
+    MODEL_CASE = (50257, 1152, 18, 32, 128, 8, 2048)
+    CHECK_DIMS = (3, 37, 129, 67)
+    CHECK_M = {"simple": (64, 96, 1024, 16384), "fused": (64, 256, 1024, 2048, 4096)}
+    COPY_BYTES = 2**30
+
+
+def elapsed() -> str:
+    return f"[{time.perf_counter() - START:6.1f}s]"
+
+
+def log(msg: str) -> None:
+    print(f"{elapsed()} {msg}", flush=True)
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of ``fn()``: do_bench on the GPU, a few wall-clock runs in the smoke."""
+    if not SMOKE:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().item()
+    return (got - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+class Report:
+    """Collects check results, timing rows and errors; renders and writes the markdown."""
+
+    def __init__(self, out: Path, header: list[str]):
+        self.out, self.header = out, header
+        self.checks: list[tuple[str, float, float]] = []
+        self.rows: list[list[str]] = []
+        self.e2e: list[list[str]] = []
+        self.errors: list[str] = []
+
+    def check(self, name: str, got: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+        err = rel_err(got, ref)  # NaN if got holds a NaN
+        self.checks.append((name, err, tol))
+        log(f"check {name}: max rel err {err:.2e} {'ok' if err <= tol else 'FAIL'}")
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, e, tol in self.checks if not e <= tol]
+
+    def error(self, name: str) -> None:
+        msg = f"{name}: {traceback.format_exc().strip().splitlines()[-1]}"
+        self.errors.append(msg)
+        log(f"ERROR {msg}")
+        traceback.print_exc()
+
+    def render(self) -> str:
+        lines = [*self.header, ""]
+        lines += ["## Timings (median ms)", ""]
+        lines += [
+            "| case | torch | triton-a (simple) | triton-b (fused) | a speedup | b speedup "
+            "| read-once floor | best / floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *("| " + " | ".join(r) + " |" for r in self.rows),
+            "",
+        ]
+        if self.e2e:
+            lines += [
+                "## End to end: featurize_loader vs plain forward+backward (median ms)",
+                "",
+                "| case | fwd+bwd | featurize torch | featurize triton | torch / fwd+bwd "
+                "| triton / fwd+bwd | triton speedup |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+                *("| " + " | ".join(r) + " |" for r in self.e2e),
+                "",
+            ]
+        lines += ["## Correctness vs torch backend (max |diff| / max |ref|)", ""]
+        lines += ["| check | max rel err | tolerance | ok |", "|---|---:|---:|---|"]
+        lines += [
+            f"| {n} | {e:.2e} | {tol:g} | {'yes' if e <= tol else '**FAIL**'} |"
+            for n, e, tol in self.checks
+        ]
+        if self.errors:
+            lines += ["", "## Errors", "", *(f"- `{e}`" for e in self.errors)]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(self.render())
+
+
+def fmt(ms: float | None) -> str:
+    return "—" if ms is None else f"{ms:.3f}"
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return "—" if num is None or den is None else f"{num / den:.2f}×"
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device copy, counting the bytes read and the bytes written."""
+    x = torch.empty(COPY_BYTES // 4, dtype=F32, device=DEVICE).fill_(1.0)
+    ms = bench_ms(lambda: torch.empty_like(x).copy_(x))
+    return 2 * COPY_BYTES / (ms * 1e-3)
+
+
+def randn(gen: torch.Generator, *shape, dtype=BF16) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def odd_shape_checks(rep: Report, gen: torch.Generator) -> None:
+    """Every kernel on odd shapes and several m, mixed dtypes."""
+    n_b, n_t, d_in, d_out = CHECK_DIMS
+    dtypes = (BF16, F16, F32)
+    for i, m in enumerate(CHECK_M["simple"]):
+        dtype = dtypes[i % 3]
+        name = f"count_sketch d={d_in} m={m} {dtype}"
+        try:
+            table = draw_count_sketch(d_in, m, gen).to(DEVICE)
+            x = randn(gen, n_b, n_t, d_in, dtype=dtype)
+            rep.check(name, count_sketch(x, table), torch_ops.count_sketch(x, table))
+        except Exception:
+            rep.error(name)
+    for path, ms in CHECK_M.items():
+        for i, m in enumerate(ms):
+            dtype = dtypes[i % 3]
+            name = f"linear {path} B={n_b} T={n_t} d_in={d_in} d_out={d_out} m={m} {dtype}"
+            try:
+                table = draw_tensor_sketch(d_out, d_in, m, gen).to(DEVICE)
+                a = randn(gen, n_b, n_t, d_in, dtype=dtype)
+                g = randn(gen, n_b, n_t, d_out, dtype=dtype) * 1e-4
+                got = tensor_sketch_linear(a, g, table, path=path)
+                rep.check(name, got, torch_ops.tensor_sketch_linear(a, g, table))
+            except Exception:
+                rep.error(name)
+    for m in CHECK_M["simple"][:2]:
+        name = f"embedding V=1001 d={d_out} m={m}"
+        try:
+            table = draw_tensor_sketch(1001, d_out, m, gen).to(DEVICE)
+            ids = torch.randint(0, 1001, (n_b, n_t), generator=gen).to(DEVICE)
+            g = randn(gen, n_b, n_t, d_out)
+            rep.check(
+                name,
+                tensor_sketch_embedding(ids, g, table),
+                torch_ops.tensor_sketch_embedding(ids, g, table),
+            )
+        except Exception:
+            rep.error(name)
+
+
+def linear_case(rep: Report, gen: torch.Generator, bw: float, case) -> None:
+    n_b, n_t, d_in, d_out, m = case
+    name = f"linear B={n_b} T={n_t} d_in={d_in} d_out={d_out} m={m} bf16"
+    table = draw_tensor_sketch(d_out, d_in, m, gen).to(DEVICE)
+    a = randn(gen, n_b, n_t, d_in)
+    g = randn(gen, n_b, n_t, d_out) * 1e-3
+    floor = (a.numel() * a.element_size() + g.numel() * g.element_size()) / bw * 1e3
+    ref = torch_ops.tensor_sketch_linear(a, g, table)
+    times: dict[str, float | None] = {"torch": None, "simple": None, "fused": None}
+    for path in ("simple", "fused"):
+        try:
+            rep.check(f"{name} [{path}]", tensor_sketch_linear(a, g, table, path=path), ref)
+            times[path] = bench_ms(lambda p=path: tensor_sketch_linear(a, g, table, path=p))
+        except Exception:
+            rep.error(f"{name} [{path}]")
+    del ref
+    times["torch"] = bench_ms(lambda: torch_ops.tensor_sketch_linear(a, g, table))
+    done = [t for t in (times["simple"], times["fused"]) if t is not None]
+    best = min(done) if done else None
+    rep.rows.append(
+        [
+            name,
+            fmt(times["torch"]),
+            fmt(times["simple"]),
+            fmt(times["fused"]),
+            ratio(times["torch"], times["simple"]),
+            ratio(times["torch"], times["fused"]),
+            fmt(floor),
+            ratio(best, floor),
+        ]
+    )
+
+
+def embedding_case(rep: Report, gen: torch.Generator, bw: float) -> None:
+    n_b, n_t, vocab, d, m = EMBEDDING_CASE
+    name = f"embedding B={n_b} T={n_t} V={vocab} d={d} m={m} bf16"
+    table = draw_tensor_sketch(vocab, d, m, gen).to(DEVICE)
+    ids = torch.randint(0, vocab, (n_b, n_t), generator=gen).to(DEVICE)
+    g = randn(gen, n_b, n_t, d)
+    floor = (g.numel() * g.element_size() + ids.numel() * ids.element_size()) / bw * 1e3
+    rep.check(
+        name,
+        tensor_sketch_embedding(ids, g, table),
+        torch_ops.tensor_sketch_embedding(ids, g, table),
+    )
+    t_torch = bench_ms(lambda: torch_ops.tensor_sketch_embedding(ids, g, table))
+    t_triton = bench_ms(lambda: tensor_sketch_embedding(ids, g, table))
+    rep.rows.append(
+        [
+            name,
+            fmt(t_torch),
+            fmt(t_triton),
+            "—",
+            ratio(t_torch, t_triton),
+            "—",
+            fmt(floor),
+            ratio(t_triton, floor),
+        ]
+    )
+
+
+def end_to_end_case(rep: Report) -> None:
+    vocab, d_model, heads, tau, seq, batch_size, m = MODEL_CASE
+    torch.manual_seed(0)
+    model = LoopedTransformer(
+        vocab=vocab, d_model=d_model, n_heads=heads, loop_steps=tau, max_len=seq
+    )
+    model = model.to(device=DEVICE, dtype=BF16)
+    n_params = sum(p.numel() for p in model.parameters())
+    name = (
+        f"looped GPT {n_params / 1e6:.1f}M params, tau={tau}, seq={seq}, "
+        f"batch={batch_size}, m={m}, bf16"
+    )
+    batch = {"tokens": torch.randint(0, vocab, (batch_size, seq), device=DEVICE)}
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        next_token_loss(model, batch).sum().backward()
+
+    t_plain = bench_ms(forward_backward)
+    model.zero_grad(set_to_none=True)
+    log(f"e2e plain forward+backward: {t_plain:.3f} ms")
+    feats, times = {}, {}
+    for backend in ("torch", "triton"):
+        os.environ["SDI_BACKEND"] = backend
+        est = ProjectedTracInSDI(
+            model=model, target_modules=model.core, projection_size=m, seed=0, loss_reduction="sum"
+        )
+        try:
+            feats[backend] = est.featurize_loader(loader=[batch], loss_fn=next_token_loss)
+            times[backend] = bench_ms(
+                lambda e=est: e.featurize_loader(loader=[batch], loss_fn=next_token_loss)
+            )
+            log(f"e2e featurize_loader SDI_BACKEND={backend}: {times[backend]:.3f} ms")
+        finally:
+            est.close()
+    os.environ.pop("SDI_BACKEND")
+    # Looser: the two featurisations run separate backward passes, which may differ in bf16
+    # rounding (e.g. atomics in attention backward), and the difference grows through tau steps.
+    for param, ref in feats["torch"].phi.items():
+        rep.check(f"e2e features {param}", feats["triton"].phi[param], ref, tol=E2E_TOL)
+    rep.e2e.append(
+        [
+            name,
+            fmt(t_plain),
+            fmt(times["torch"]),
+            fmt(times["triton"]),
+            ratio(times["torch"], t_plain),
+            ratio(times["triton"], t_plain),
+            ratio(times["torch"], times["triton"]),
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="markdown output (default bench/results/gpu-latest.md)"
+    )
+    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end model case")
+    args = parser.parse_args()
+    if args.out is None:
+        here = Path(__file__).resolve().parent
+        args.out = (
+            Path(tempfile.gettempdir()) / "sdi-gpu-smoke.md"
+            if SMOKE
+            else here / "results" / "gpu-latest.md"
+        )
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --smoke to check the script on the CPU")
+
+    device_name = "CPU, Triton interpreter (smoke run)" if SMOKE else torch.cuda.get_device_name()
+    header = [
+        "# sdi GPU benchmark"
+        + (" (SMOKE: tiny shapes, CPU interpreter, timings meaningless)" if SMOKE else ""),
+        "",
+        f"- device: {device_name}",
+        f"- torch {torch.__version__}, triton {triton.__version__}, "
+        f"python {sys.version.split()[0]}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- default TensorSketch path (used end to end): {DEFAULT_PATH!r}",
+    ]
+    for line in header:
+        print(line, flush=True)
+    bw = copy_bandwidth()
+    header.append(
+        f"- copy bandwidth (read + write, empty_like(x).copy_(x) of "
+        f"{COPY_BYTES / 2**20:.0f} MiB): {bw / 1e9:.0f} GB/s"
+    )
+    log(header[-1][2:])
+    rep = Report(args.out, header)
+    gen = torch.Generator().manual_seed(0)
+
+    odd_shape_checks(rep, gen)
+    rep.write()
+    for case in LINEAR_CASES:
+        try:
+            linear_case(rep, gen, bw, case)
+        except Exception:
+            rep.error(f"linear case {case}")
+        rep.write()
+        log(f"done linear case {case}")
+    try:
+        embedding_case(rep, gen, bw)
+    except Exception:
+        rep.error("embedding case")
+    rep.write()
+    if not args.skip_e2e:
+        try:
+            end_to_end_case(rep)
+        except Exception:
+            rep.error("end-to-end case")
+        rep.write()
+
+    print("\n" + rep.render(), flush=True)
+    log(f"wrote {args.out}")
+    if rep.failed or rep.errors:
+        print(
+            f"FAILED: {len(rep.failed)} checks off tolerance, {len(rep.errors)} errors", flush=True
+        )
+        return 1
+    return 0
+
+
+START = time.perf_counter()
+
+if __name__ == "__main__":
+    sys.exit(main())

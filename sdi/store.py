@@ -1,0 +1,98 @@
+"""Train features on disk: computed once, reused across query sets, resumable after interruption.
+
+Format, and why: one folder per (checkpoint, layout) holding ``manifest.json`` and one ``.npy`` file
+per train batch (``shard_000000.npy`` ...). ``.npy`` needs no extra dependency, is memory-mapped on
+read (``np.load(mmap_mode="r")``), and a file per batch makes appending crash-safe: each shard is
+written to a temporary name and renamed into place, then the manifest is rewritten the same way, so
+a run killed at any instant leaves a manifest that lists only complete shards. Resuming re-reads
+those and computes the rest: nothing lost, nothing duplicated. (A single growing memmap or a
+safetensors file would need its size up front or a rewrite per append.)
+
+The manifest records what the features depend on -- estimator kind, seed, projection size,
+parameter names and widths, the checkpoint's content hash, layout, dtype, package version -- and a
+store opened with a different identity raises instead of serving stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """Append-only shards of train features ``(b, D)`` (summed over steps) or ``(b, S, D)``.
+
+    Args:
+        root: the store's folder (created if missing).
+        identity: JSON-able dict of everything the features depend on; must equal the stored one.
+    """
+
+    def __init__(self, root: str | Path, identity: dict[str, Any]):
+        self.root = Path(root)
+        self.identity = {"format": FORMAT_VERSION, **identity}
+        self._manifest = self.root / "manifest.json"
+        if self._manifest.exists():
+            stored = json.loads(self._manifest.read_text())
+            if stored["identity"] != self.identity:
+                raise ValueError(
+                    f"feature store {self.root} was written for other settings: {_diff(stored['identity'], self.identity)}"
+                )
+            self.shards: list[dict[str, Any]] = stored["shards"]
+            self.complete: bool = stored["complete"]
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.shards, self.complete = [], False
+            self._save()
+
+    def _save(self) -> None:
+        text = json.dumps(
+            {"identity": self.identity, "shards": self.shards, "complete": self.complete}, indent=1
+        )
+        _write_atomic(self._manifest, lambda f: f.write(text.encode()))
+
+    def read(self, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Shard ``index`` as a tensor on ``device``."""
+        array = np.load(self.root / self.shards[index]["file"], mmap_mode="r")
+        return torch.from_numpy(np.array(array)).to(device)  # copy: the memmap is read-only
+
+    def append(self, features: torch.Tensor, steps: int) -> None:
+        """Write one batch's features as the next shard, then record it in the manifest."""
+        name = f"shard_{len(self.shards):06d}.npy"
+        array = features.detach().to("cpu", torch.float32).numpy()
+        _write_atomic(self.root / name, lambda f: np.save(f, array))
+        self.shards.append({"file": name, "rows": int(array.shape[0]), "steps": int(steps)})
+        self._save()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._save()
+
+
+def _diff(stored: dict, wanted: dict) -> str:
+    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    return "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted.get(k)!r}" for k in keys)
