@@ -303,3 +303,18 @@ class _BatchFirst(_SeqFirst):
         for _ in range(self.inner.loop_steps):
             x = x + self.inner.core.fc2(F.gelu(self.inner.core.fc1(x)))
         return self.inner.head(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_gives_fp32_features_close_to_fp32(model, train_batches, dtype):
+    def features(m):
+        est = ProjectedTracInSDI(model=m, target_modules=m.core, projection_size=64)
+        feats = est.featurize_loader(
+            loader=train_batches, loss_fn=lambda mm, b: next_token_loss(mm, b).float()
+        )
+        est.close()
+        return torch.cat(list(feats.phi.values()), dim=2)
+
+    full, half = features(model), features(tiny_model().to(dtype))
+    assert half.dtype == torch.float32
+    assert ((half - full).norm() / full.norm()).item() < 0.05  # bf16 keeps 8 bits of mantissa
