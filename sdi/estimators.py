@@ -7,6 +7,7 @@ by batch and each batch is contracted straight into the output and dropped. Trai
 summed over steps while they are computed (per-step train features exist only when
 ``with_step_matrix=True`` needs them), so memory beyond the model is the query features and the
 output. With ``train_store=``, train features go to disk once (:mod:`sdi.store`) and are reused.
+Under ``torch.distributed`` the train batches are split over the ranks (:mod:`sdi.distributed`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import __version__, influence
+from . import __version__, distributed, influence
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -133,7 +134,7 @@ class _Estimator:
         elif offset == 0:
             raise ValueError("query_loader yielded no batches")
 
-    def _store_for(self, root, checkpoint_path, per_step: bool) -> FeatureStore:
+    def _store_for(self, root, checkpoint_path, per_step: bool, sharding=None) -> FeatureStore:
         path = str(checkpoint_path)
         # A checkpoint that is no file (custom loader) is identified by its name alone.
         digest = (
@@ -149,11 +150,22 @@ class _Estimator:
             "dtype": "float32",
             "sdi_version": __version__,
         }
-        return FeatureStore(Path(root) / f"{digest[:16]}-{layout}", identity)
+        folder = Path(root) / f"{digest[:16]}-{layout}"
+        if sharding is not None:  # one folder per rank, each resumed by its rank
+            identity["shard"] = sharding.identity
+            folder = folder / sharding.folder
+        return FeatureStore(folder, identity)
 
-    def _train_stream(self, loader, loss_fn, *, per_step: bool, store: FeatureStore | None, bar):
-        """A callable giving ``(row offset, features, steps)`` per train batch, computed or stored."""
+    def _train_stream(
+        self, loader, loss_fn, *, per_step: bool, store: FeatureStore | None, bar, sharding=None
+    ):
+        """A callable giving ``(row offset, features, steps)`` per train batch, computed or stored.
+
+        Sharded, only this rank's batches, with row offsets counted over them.
+        """
         device = self._featurizer.device
+        if sharding is not None:
+            loader = sharding.owned(loader)
 
         def stored():
             if store.complete:
@@ -173,7 +185,7 @@ class _Estimator:
             store.finish()
 
         def stream():
-            offset = 0
+            offset, counts = 0, []
             batches = (
                 self._batches(loader, loss_fn, per_step=per_step, bar=bar)
                 if store is None
@@ -182,7 +194,10 @@ class _Estimator:
             for feats, steps in batches:
                 yield offset, feats, steps
                 offset += feats.shape[0]
-            if offset == 0:
+                counts.append(feats.shape[0])
+            if sharding is not None:
+                sharding.counts = counts  # a rank may own no batch: the gather checks the whole set
+            elif offset == 0:
                 raise ValueError("train_loader yielded no batches")
 
         return stream
@@ -203,8 +218,13 @@ class _Estimator:
         progress_desc: str,
         max_query_bytes: int,
         train_store,
+        sharding=None,
     ) -> Iterator[tuple[float, Iterator[Pair]]]:
-        """Per checkpoint: load it, then yield ``(eta_k, pairs)``; see :data:`Pair`."""
+        """Per checkpoint: load it, then yield ``(eta_k, pairs)``; see :data:`Pair`.
+
+        Sharded, the pairs hold only this rank's train batches, and an error raised here or while
+        producing the pairs is reported to the other ranks before it propagates.
+        """
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("no checkpoints given")
@@ -229,25 +249,32 @@ class _Estimator:
                 store = (
                     None
                     if train_store is None
-                    else self._store_for(train_store, spec.path, per_step_train)
+                    else self._store_for(train_store, spec.path, per_step_train, sharding)
                 )
                 with tqdm(
                     desc="train batches", unit="batch", leave=False, disable=not progress
                 ) as bar:
                     stream = self._train_stream(
-                        train_loader, loss_fn, per_step=per_step_train, store=store, bar=bar
+                        train_loader,
+                        loss_fn,
+                        per_step=per_step_train,
+                        store=store,
+                        bar=bar,
+                        sharding=sharding,
                     )
                     chunks = self._query_chunks(
                         query_loader, loss_fn, per_step=per_step_query, max_bytes=max_query_bytes
                     )
-                    yield (
-                        weight,
-                        (
-                            (j0, query, r0, feats, steps)
-                            for j0, query in chunks
-                            for r0, feats, steps in stream()
-                        ),
+                    pairs = (
+                        (j0, query, r0, feats, steps)
+                        for j0, query in chunks
+                        for r0, feats, steps in stream()
                     )
+                    yield weight, (pairs if sharding is None else sharding.reporting(pairs))
+        except Exception as err:
+            if sharding is not None:
+                sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
+            raise
         finally:
             self.model.train(was_training)
 
@@ -271,7 +298,8 @@ class _Estimator:
         progress_desc: str = "checkpoints",
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
         train_store: str | Path | None = None,
-    ) -> InfluenceOutputs:
+        gather_to: distributed.GatherTo = 0,
+    ) -> InfluenceOutputs | None:
         """SDI and TracIn summed over checkpoints with weights ``eta_k``.
 
         For each checkpoint: load it (``load_checkpoint_fn``), load the model
@@ -287,6 +315,10 @@ class _Estimator:
                 time (the train set is featurised once per chunk unless ``train_store`` is set).
             train_store: a folder for train features (:mod:`sdi.store`): written on the first run,
                 read by later runs with other query sets, resumed after an interruption.
+            gather_to: under ``torch.distributed`` with several processes (:mod:`sdi.distributed`),
+                the rank that receives the rows of every rank (the others get ``None``), ``"all"``,
+                or ``None`` for each rank's own rows (train batches ``rank``, ``rank + world``, ...).
+                Ignored by a single process.
         The chunk sizes bound the temporaries of one contraction.
         """
         if mode not in ("sdi", "tracin"):
@@ -294,6 +326,7 @@ class _Estimator:
         if with_step_matrix and mode != "sdi":
             raise ValueError("with_step_matrix=True needs mode='sdi'")
         chunks = (train_chunk_size, query_chunk_size)
+        sharding = distributed.sharding_of(train_loader, self._featurizer.device, gather_to)
         totals: dict[str, torch.Tensor] | None = None
         for weight, pairs in self._passes(
             checkpoints=checkpoints,
@@ -309,6 +342,7 @@ class _Estimator:
             progress_desc=progress_desc,
             max_query_bytes=max_query_bytes,
             train_store=train_store,
+            sharding=sharding,
         ):
             blocks: dict[str, dict[int, list[torch.Tensor]]] = {}  # output -> column offset -> rows
             train_steps = set()
@@ -336,6 +370,10 @@ class _Estimator:
                 for key, cols in blocks.items()
             }
             totals = _accumulate(totals, result, weight)
+        if sharding is not None:
+            totals = sharding.gather(totals)
+            if totals is None:
+                return None
         if mode == "tracin":
             return InfluenceOutputs(sdi=None, tracin=totals["tracin"], sdi_matrix=None)
         return InfluenceOutputs(
@@ -359,13 +397,16 @@ class _Estimator:
         progress_desc: str = "checkpoints",
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
         train_store: str | Path | None = None,
-    ) -> TopInfluences:
+        gather_to: distributed.GatherTo = 0,
+    ) -> TopInfluences | None:
         """The ``k`` most and least influential train examples per query, with SDI trajectories.
 
         Never forms the dense ``(N_train, N_query, steps)`` SDI: a first pass computes TracIn
         ``(N_train, N_query)`` (fast mode) and ranks it; a second pass computes SDI only for the
         selected (train, query) pairs. Pass ``train_store`` to featurise the train set once for both.
-        Other arguments as in :meth:`influence_across_checkpoints`.
+        Sharded over processes, each rank ranks and traces its own rows and the ranks' top ``k``
+        are merged on ``gather_to`` (a rank or ``"all"``; the others get ``None``). Other arguments
+        as in :meth:`influence_across_checkpoints`.
         """
         if int(k) <= 0:
             raise ValueError(f"k must be positive, got {k}")
@@ -382,18 +423,25 @@ class _Estimator:
             max_query_bytes=max_query_bytes,
             train_store=train_store,
         )
-        tracin = self.influence_across_checkpoints(mode="tracin", **common).tracin
-        n_train = tracin.shape[0]
+        sharding = distributed.sharding_of(train_loader, self._featurizer.device, gather_to)
+        if sharding is not None and gather_to is None:
+            raise ValueError("top_influences needs gather_to to be a rank or 'all'")
+        # Sharded: this rank's rows only; the best of each rank's best are merged at the end.
+        tracin = self.influence_across_checkpoints(mode="tracin", gather_to=None, **common).tracin
+        n_train = tracin.shape[0] if sharding is None else sharding.total(tracin.shape[0])
         if k > n_train:
             warnings.warn(
                 f"k={k} exceeds the {n_train} train examples; returning all of them", stacklevel=2
             )
             k = n_train
-        most = tracin.topk(k, dim=0)
-        least = tracin.topk(k, dim=0, largest=False)
-        chosen = torch.cat([most.indices, least.indices]).T.contiguous()  # (N_query, 2k)
+        local_k = min(k, tracin.shape[0])
+        most = tracin.topk(local_k, dim=0)
+        least = tracin.topk(local_k, dim=0, largest=False)
+        chosen = torch.cat([most.indices, least.indices]).T.contiguous()  # (N_query, 2 local_k)
         trajectories = None
-        for weight, pairs in self._passes(per_step_train=False, per_step_query=True, **common):
+        for weight, pairs in self._passes(
+            per_step_train=False, per_step_query=True, sharding=sharding, **common
+        ):
             for j0, query, r0, feats, _ in pairs:
                 rows = chosen[j0 : j0 + query.shape[0]] - r0
                 hit = (rows >= 0) & (rows < feats.shape[0])
@@ -404,14 +452,19 @@ class _Estimator:
                 j, p = hit.nonzero(as_tuple=True)
                 block = influence.query_sdi(feats, query)  # (b, n_query_chunk, steps)
                 trajectories[j0 + j, p] += weight * block[rows[j, p], j]
-        return TopInfluences(
+        top = dict(
             most_indices=most.indices.T,
             most_tracin=most.values.T,
-            most_sdi=trajectories[:, :k],
             least_indices=least.indices.T,
             least_tracin=least.values.T,
-            least_sdi=trajectories[:, k:],
         )
+        if trajectories is not None:  # None only on a rank that owns no train batch
+            top.update(most_sdi=trajectories[:, :local_k], least_sdi=trajectories[:, local_k:])
+        if sharding is not None:
+            top = sharding.merge_top(top, k)
+            if top is None:
+                return None
+        return TopInfluences(**top)
 
 
 def _accumulate(totals, result: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:

@@ -1,0 +1,268 @@
+"""Sharding the train set over processes with ``torch.distributed``.
+
+When a default process group of more than one process is initialised (``torchrun``), the estimators
+split the train set between the ranks and gather the rows afterwards; with no process group, or a
+group of one, none of this runs.
+
+Batch ownership: every rank iterates the same train loader and featurises only the batches
+``i`` with ``i % world_size == rank``, skipping the others without featurising them (loading a
+batch is cheap next to featurising it). The query set is featurised on every rank. Each rank
+contracts its train batches with the whole query set, so it holds the output rows of its own
+batches; :meth:`Sharding.gather` puts every rank's rows back in the loader's order, which gives
+exactly what one process computes (the same batches go through the same arithmetic). A loader
+whose sampler is a ``DistributedSampler`` is refused: it would split the set a second time.
+
+Gathering: tensor collectives (``gather`` / ``all_gather``), every rank's rows padded to the longest
+share, on the features' device when the group runs NCCL and on the CPU under gloo. Small metadata
+(row counts, shapes, errors) goes through ``all_gather_object``.
+
+Failures: the first collective after a rank's local work is an exchange in which every rank sends
+its metadata or its error. A rank whose pass raised (loss_fn, loader, checkpoint loading, feature
+store) joins that exchange on its way out, so the others raise :class:`RankFailed` at once instead
+of waiting. A rank that dies without raising leaves the others waiting up to the process group's
+timeout (``init_process_group(timeout=...)``), which must also cover the slowest rank's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from itertools import islice
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+GatherTo = int | Literal["all"] | None
+
+
+class RankFailed(RuntimeError):
+    """Raised on every rank whose pass succeeded when another rank's pass raised."""
+
+
+class _Owned:
+    """The batches of ``loader`` that one rank featurises; iterable any number of times."""
+
+    def __init__(self, loader: Iterable[Any], rank: int, world: int):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self) -> Iterator[Any]:
+        return islice(iter(self.loader), self.rank, None, self.world)
+
+
+class Sharding:
+    """One call's view of the process group: which batches are this rank's, and the collectives.
+
+    Args:
+        rank, world: this process and the group size (``world > 1``).
+        device: where the features (and returned results) live.
+        comm: where tensor collectives run (the features' device under NCCL, the CPU under gloo).
+        to: who receives gathered results: a rank, ``"all"``, or ``None`` (each rank keeps its own
+            rows, in its loader order).
+
+    ``counts`` lists the rows of each batch this rank featurised in the latest train pass; the train
+    stream sets it and the gathers read it.
+    """
+
+    def __init__(
+        self, rank: int, world: int, device: torch.device, comm: torch.device, to: GatherTo
+    ):
+        self.rank, self.world, self.device, self.comm, self.to = rank, world, device, comm, to
+        self.counts: list[int] = []
+
+    @property
+    def identity(self) -> dict[str, int]:
+        """What a rank's stored features depend on beyond one process's identity."""
+        return {"rank": self.rank, "world_size": self.world}
+
+    @property
+    def folder(self) -> str:
+        return f"rank{self.rank}-of{self.world}"
+
+    def owned(self, loader: Iterable[Any]) -> Iterable[Any]:
+        """The batches ``i`` of ``loader`` with ``i % world == rank``."""
+        return _Owned(loader, self.rank, self.world)
+
+    def reporting(self, items: Iterable[Any]) -> Iterator[Any]:
+        """``items``; an error raised while producing them is first sent to the other ranks."""
+        try:
+            yield from items
+        except Exception as err:
+            self.fail(err)
+            raise
+
+    def fail(self, error: BaseException) -> None:
+        """Join the exchange that the other ranks start after their pass, reporting ``error``."""
+        self._all_gather_object({"error": f"{type(error).__name__}: {error}"})
+
+    def total(self, n: int) -> int:
+        """The sum of ``n`` over the ranks."""
+        count = torch.tensor([n], dtype=torch.int64, device=self.comm)
+        dist.all_reduce(count)
+        return int(count.item())
+
+    def gather(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Every rank's output rows, in the train loader's order.
+
+        ``rows`` maps a name to this rank's rows ``(n_rank, ...)`` (the rows of its batches, in
+        order; a rank that owns no batch may pass ``{}``). Returns ``(N_train, ...)`` per name on the
+        receiving rank(s), ``None`` elsewhere; with ``to=None`` every rank gets its own rows back
+        (names it lacked come back with zero rows).
+        """
+        _, shapes, ids = self._share(rows)
+        local = {key: self._local(rows, key, shapes) for key in shapes}
+        if self.to is None:
+            return local
+        n_train = sum(len(i) for i in ids)
+        longest = max(len(i) for i in ids)
+        out = {}
+        for key in shapes:
+            parts = self._collect(local[key], longest)
+            if parts is None:
+                continue
+            full = torch.empty(
+                (n_train, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.comm
+            )
+            for part, index in zip(parts, ids, strict=True):
+                full[index.to(self.comm)] = part[: len(index)]
+            out[key] = full.to(self.device)
+        return out or None
+
+    def merge_top(self, top: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor] | None:
+        """The ``k`` best train rows per query over all ranks, from each rank's own best.
+
+        ``top`` holds, for ``side`` in ``most``, ``least``: ``{side}_indices (N_query, c)`` (rows of
+        this rank, local), ``{side}_tracin (N_query, c)`` and ``{side}_sdi (N_query, c, steps)``
+        with ``c = min(k, rows of this rank)``. The global top ``k`` is among the union of every
+        rank's top ``k``. Returns the same names with ``c = k`` and train-loader row indices,
+        ordered as ``torch.topk`` orders them (ties may come in another order than in one process);
+        ``None`` on ranks that receive nothing. ``k`` must not exceed the train rows.
+        """
+        candidates = {key: value.transpose(0, 1) for key, value in top.items()}  # (c, N_query, ...)
+        meta, shapes, ids = self._share(candidates)
+        mine = ids[self.rank].to(self.device)  # local row -> train-loader row
+        for side in ("most", "least"):
+            candidates[f"{side}_indices"] = mine[candidates[f"{side}_indices"]]
+        longest = max(m["rows"] for m in meta)
+        merged = {}
+        for key in shapes:
+            parts = self._collect(self._local(candidates, key, shapes), longest)
+            if parts is not None:
+                merged[key] = torch.cat([p[: m["rows"]] for p, m in zip(parts, meta, strict=True)])
+        if not merged:
+            return None
+        out = {}
+        for side, largest in (("most", True), ("least", False)):
+            values = merged[f"{side}_tracin"]  # (candidates, N_query)
+            best = values.topk(k, dim=0, largest=largest).indices  # (k, N_query)
+            sdi = merged[f"{side}_sdi"]
+            out[f"{side}_indices"] = merged[f"{side}_indices"].gather(0, best).T
+            out[f"{side}_tracin"] = values.gather(0, best).T
+            out[f"{side}_sdi"] = sdi.gather(0, best[..., None].expand(-1, -1, sdi.shape[2]))
+            out[f"{side}_sdi"] = out[f"{side}_sdi"].transpose(0, 1)
+        return {key: value.to(self.device) for key, value in out.items()}
+
+    def _share(self, rows: dict[str, torch.Tensor]):
+        """Exchange row counts and shapes (raising if any rank failed); place every rank's rows.
+
+        Returns every rank's metadata, ``{name: (shape of one row, dtype)}`` over all ranks (sorted
+        by name, so every rank walks the names in the same order), and per rank the train-loader
+        row of each of its rows ``(n_rank,)`` int64.
+        """
+        sizes = {int(value.shape[0]) for value in rows.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"rows of one rank differ in number: {sorted(sizes)}")
+        meta = self._all_gather_object(
+            {
+                "counts": list(self.counts),
+                "rows": sizes.pop() if sizes else 0,
+                "shapes": {key: (tuple(v.shape[1:]), v.dtype) for key, v in rows.items()},
+            }
+        )
+        failed = [f"rank {r} failed: {m['error']}" for r, m in enumerate(meta) if "error" in m]
+        if failed:
+            raise RankFailed("; ".join(failed))
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for m in meta:
+            for key, shape in m["shapes"].items():
+                if shapes.setdefault(key, shape) != shape:
+                    raise ValueError(
+                        f"ranks computed {key} rows of shapes {shapes[key]} and {shape}: every rank "
+                        "must iterate the same query loader"
+                    )
+        return meta, dict(sorted(shapes.items())), self._row_ids([m["counts"] for m in meta])
+
+    def _row_ids(self, counts: list[list[int]]) -> list[torch.Tensor]:
+        """Per rank, the train-loader row of each of its rows, from every rank's batch sizes."""
+        n_batches = sum(len(c) for c in counts)
+        owned = [len(range(r, n_batches, self.world)) for r in range(self.world)]
+        if [len(c) for c in counts] != owned:
+            raise ValueError(
+                f"ranks featurised {[len(c) for c in counts]} train batches, but batch i belongs to "
+                f"rank i % {self.world}: every rank must iterate the same train loader"
+            )
+        ids: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        start = 0
+        for b in range(n_batches):
+            n = counts[b % self.world][b // self.world]
+            ids[b % self.world].append(torch.arange(start, start + n))
+            start += n
+        if start == 0:
+            raise ValueError("train_loader yielded no batches")
+        return [torch.cat(i) if i else torch.zeros(0, dtype=torch.int64) for i in ids]
+
+    def _local(self, rows: dict[str, torch.Tensor], key: str, shapes) -> torch.Tensor:
+        """This rank's rows of ``key``; zero rows of the agreed shape if it computed none."""
+        if key in rows:
+            return rows[key]
+        shape, dtype = shapes[key]
+        return torch.zeros((0, *shape), dtype=dtype, device=self.device)
+
+    def _collect(self, local: torch.Tensor, length: int) -> list[torch.Tensor] | None:
+        """Every rank's ``local (n_rank, ...)`` padded to ``length`` rows, where ``to`` asks."""
+        padded = torch.zeros((length, *local.shape[1:]), dtype=local.dtype, device=self.comm)
+        padded[: local.shape[0]] = local
+        if self.to == "all":
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded)
+            return parts
+        parts = (
+            [torch.empty_like(padded) for _ in range(self.world)] if self.rank == self.to else None
+        )
+        dist.gather(padded, parts, dst=self.to)
+        return parts
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        everyone: list[Any] = [None] * self.world
+        # Under NCCL, object collectives run on the current CUDA device: make it the features'.
+        with torch.cuda.device(self.comm) if self.comm.type == "cuda" else nullcontext():
+            dist.all_gather_object(everyone, obj)
+        return everyone
+
+
+def sharding_of(loader: Iterable[Any], device: torch.device, to: GatherTo) -> Sharding | None:
+    """The :class:`Sharding` of one call, or ``None`` when the process runs alone.
+
+    ``loader`` is the train loader, ``device`` the features' device, ``to`` who receives results
+    (``gather_to`` of the estimators).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        raise ValueError(
+            "train_loader uses a DistributedSampler, but sdi shards the train set itself (batch i "
+            "goes to rank i % world_size): give every rank the same, unsplit loader"
+        )
+    if not (to is None or to == "all" or (isinstance(to, int) and 0 <= to < world)):
+        raise ValueError(f"gather_to must be a rank in [0, {world}), 'all' or None, got {to!r}")
+    device = torch.device(device)
+    backend = dist.get_backend()
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(
+            "the process group runs NCCL, which cannot gather CPU features: initialise it with "
+            "'gloo' (or 'cpu:gloo,cuda:nccl'), or put the model on the GPU"
+        )
+    comm = torch.device("cpu") if backend == "gloo" else device
+    return Sharding(rank, world, device, comm, to)

@@ -1,0 +1,229 @@
+"""Sharding over processes: 2 gloo ranks on 127.0.0.1 must return what one process returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
+
+from sdi import CheckpointSpec, ProjectedTracInSDI
+from sdi.toy import next_token_loss, random_token_batches
+
+WORLD = 2
+JOIN_TIMEOUT_S = 90  # the whole launch; the process group's own timeout is 30 s
+
+
+def _data(folder: Path):
+    """The runs' inputs, rebuilt identically in every process.
+
+    5 train batches (2, 2, 2, 2, 1): rank 0 owns 3, rank 1 owns 2, one of them ragged.
+    """
+    specs = [
+        CheckpointSpec(str(folder / "a.pt"), 0.4),
+        CheckpointSpec(str(folder / "b.pt"), 1.1),
+    ]
+    common = dict(
+        checkpoints=specs,
+        train_loader=random_token_batches(9, 2, SEQ, VOCAB, seed=11),
+        query_loader=random_token_batches(5, 2, SEQ, VOCAB, seed=12),
+        loss_fn=next_token_loss,
+    )
+    return common
+
+
+def _estimator():
+    model = tiny_model()
+    return ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=48, seed=5)
+
+
+def _as_dict(out):
+    return None if out is None else dataclasses.asdict(out)
+
+
+def _runs(est, common, folder: Path, rank: int) -> dict:
+    """Everything the sharded runs return, by name (keys shared with :func:`_expected`)."""
+    one_batch = dict(common, train_loader=common["train_loader"][:1])  # rank 1 owns no batch
+    out = {
+        "matrix": est.influence_across_checkpoints(with_step_matrix=True, **common),
+        "sdi_chunked": est.influence_across_checkpoints(
+            gather_to="all", max_query_bytes=1, **common
+        ),
+        "tracin": est.influence_across_checkpoints(mode="tracin", gather_to=1, **common),
+        "local": est.influence_across_checkpoints(gather_to=None, **common),
+        "top": est.top_influences(k=3, gather_to="all", **common),
+        "top_store": est.top_influences(
+            k=2, max_query_bytes=1, train_store=folder / "store", **common
+        ),
+        "one_batch": est.influence_across_checkpoints(gather_to="all", **one_batch),
+        "top_one_batch": est.top_influences(k=1, gather_to="all", **one_batch),
+    }
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(int(batch["tokens"].shape[0]))
+        return next_token_loss(model, batch)
+
+    out["stored"] = est.influence_across_checkpoints(
+        train_store=folder / "store", **dict(common, loss_fn=counting_loss)
+    )
+    out = {key: _as_dict(value) for key, value in out.items()}
+    out["stored_calls"] = calls
+    return out
+
+
+def _expected(folder: Path) -> dict:
+    common = _data(folder)
+    one_batch = dict(common, train_loader=common["train_loader"][:1])
+    est = _estimator()
+    out = {
+        "matrix": est.influence_across_checkpoints(with_step_matrix=True, **common),
+        "sdi": est.influence_across_checkpoints(**common),
+        "tracin": est.influence_across_checkpoints(mode="tracin", **common),
+        "top": est.top_influences(k=3, **common),
+        "top2": est.top_influences(k=2, **common),
+        "one_batch": est.influence_across_checkpoints(**one_batch),
+        "top_one_batch": est.top_influences(k=1, **one_batch),
+    }
+    return {key: _as_dict(value) for key, value in out.items()}
+
+
+def _fail_on_rank_1(est, common, folder: Path, rank: int) -> dict:
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 5:  # 3 query batches, then rank 1's second train batch
+            raise ValueError("boom on rank 1")
+        return next_token_loss(model, batch)
+
+    est.influence_across_checkpoints(**dict(common, loss_fn=loss_fn))
+    return {}
+
+
+def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)  # two processes on two cores
+    folder = Path(folder)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=30),
+        )
+        run = {"runs": _runs, "fail": _fail_on_rank_1}[scenario]
+        torch.save(run(_estimator(), _data(folder), folder, rank), folder / f"rank{rank}.pt")
+    except BaseException:
+        (folder / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(folder: Path, scenario: str) -> list[int]:
+    """Run ``scenario`` on ``WORLD`` spawned ranks; their exit codes (a hang fails the test)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, port, scenario, str(folder)))
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S} s"
+    return [p.exitcode for p in procs]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dist")
+    save_checkpoint(folder / "a.pt", tiny_model(seed=1))
+    save_checkpoint(folder / "b.pt", tiny_model(seed=2))
+    return folder
+
+
+def _close(got: dict | None, want: dict) -> None:
+    assert got is not None
+    for key, value in want.items():
+        if value is None:
+            assert got[key] is None, key
+        elif value.dtype == torch.int64:
+            assert torch.equal(got[key], value), key
+        else:
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_two_ranks_equal_one_process(checkpoints):
+    codes = _launch(checkpoints, "runs")
+    errors = [(checkpoints / f"rank{r}.err") for r in range(WORLD)]
+    assert codes == [0] * WORLD, [e.read_text() for e in errors if e.exists()]
+    got = [torch.load(checkpoints / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    want = _expected(checkpoints)
+
+    _close(got[0]["matrix"], want["matrix"])  # gather_to=0 by default
+    assert got[1]["matrix"] is None
+    for rank in range(WORLD):  # gather_to="all"
+        _close(got[rank]["sdi_chunked"], want["sdi"])
+        _close(got[rank]["top"], want["top"])
+        _close(got[rank]["one_batch"], want["one_batch"])
+        _close(got[rank]["top_one_batch"], want["top_one_batch"])
+    _close(got[1]["tracin"], want["tracin"])  # gather_to=1
+    assert got[0]["tracin"] is None
+
+    # gather_to=None: each rank keeps the rows of its batches (2 rows per batch but the last one).
+    rows = [[0, 1, 4, 5, 8], [2, 3, 6, 7]]
+    for rank in range(WORLD):
+        torch.testing.assert_close(got[rank]["local"]["sdi"], want["sdi"]["sdi"][rows[rank]])
+
+    # The store: one folder per rank, written by the first run and read by the later ones.
+    _close(got[0]["top_store"], want["top2"])
+    assert got[1]["top_store"] is None
+    _close(got[0]["stored"], want["sdi"])
+    for rank in range(WORLD):
+        assert got[rank]["stored_calls"] == [2, 2, 1] * 2  # query batches only, per checkpoint
+    folders = sorted((checkpoints / "store").glob("*/rank*-of2"))
+    assert sorted(f.name for f in folders) == ["rank0-of2", "rank0-of2", "rank1-of2", "rank1-of2"]
+    for folder in folders:  # one checkpoint each
+        manifest = json.loads((folder / "manifest.json").read_text())
+        rank = int(folder.name[4])
+        assert manifest["complete"]
+        assert manifest["identity"]["shard"] == {"rank": rank, "world_size": WORLD}
+        assert [s["rows"] for s in manifest["shards"]] == [[2, 2, 1], [2, 2]][rank]
+
+
+def test_a_failing_rank_fails_every_rank_without_hanging(checkpoints, tmp_path):
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes((checkpoints / name).read_bytes())
+    codes = _launch(tmp_path, "fail")
+    assert all(code != 0 for code in codes), codes
+    assert "ValueError: boom on rank 1" in (tmp_path / "rank1.err").read_text()
+    err0 = (tmp_path / "rank0.err").read_text()
+    # Rank 0 learnt why from rank 1 itself, instead of timing out on a silent peer.
+    assert "RankFailed: rank 1 failed: ValueError: boom on rank 1" in err0, err0
