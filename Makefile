@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(PY) -m ruff format --check sdi tests bench examples
 	$(PY) -m pytest
 
+# Error vs sketch size against the exact baseline, ours and step-decomposed-influence 0.1.1 side by
+# side (0.1.1 runs in its own venv: $SDI_REFERENCE_PYTHON, else bench/.venv-reference is created).
+bench-accuracy: $(STAMP)
+	$(PY) bench/accuracy.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check sdi tests bench examples
 

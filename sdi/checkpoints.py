@@ -31,11 +31,15 @@ class InfluenceOutputs:
     - ``sdi``: ``(N_train, N_query, steps_query)``, or ``None`` in ``mode="tracin"``
     - ``tracin``: ``(N_train, N_query)``
     - ``sdi_matrix``: ``(N_train, N_query, steps_train, steps_query)`` when asked for
+    - ``sdi_se``, ``tracin_se``: standard errors of ``sdi`` and ``tracin``, shaped like them, with
+      ``with_standard_errors=True`` (projected estimator)
     """
 
     sdi: torch.Tensor | None
     tracin: torch.Tensor
     sdi_matrix: torch.Tensor | None = None
+    sdi_se: torch.Tensor | None = None
+    tracin_se: torch.Tensor | None = None
 
 
 def default_load_checkpoint(

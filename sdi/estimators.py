@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, influence
+from . import __version__, distributed, influence, uncertainty
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -299,6 +299,7 @@ class _Estimator:
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
         train_store: str | Path | None = None,
         gather_to: distributed.GatherTo = 0,
+        with_standard_errors: bool = False,
     ) -> InfluenceOutputs | None:
         """SDI and TracIn summed over checkpoints with weights ``eta_k``.
 
@@ -319,13 +320,22 @@ class _Estimator:
                 the rank that receives the rows of every rank (the others get ``None``), ``"all"``,
                 or ``None`` for each rank's own rows (train batches ``rank``, ``rank + world``, ...).
                 Ignored by a single process.
+            with_standard_errors: also return ``sdi_se`` and ``tracin_se``, a standard error per
+                score estimated from the sketches alone (:mod:`sdi.uncertainty`). Over several
+                checkpoints they add as ``sum_k |eta_k| SE_k``: the tables are shared, so the
+                checkpoints' errors are correlated and this is an upper bound (exact for one).
         The chunk sizes bound the temporaries of one contraction.
         """
         if mode not in ("sdi", "tracin"):
             raise ValueError(f"mode must be 'sdi' or 'tracin', got {mode!r}")
         if with_step_matrix and mode != "sdi":
             raise ValueError("with_step_matrix=True needs mode='sdi'")
+        if with_standard_errors and self._featurizer.rules.exact:
+            raise ValueError(
+                "with_standard_errors=True is for sketched estimates; exact ones have none"
+            )
         chunks = (train_chunk_size, query_chunk_size)
+        columns = [b.columns for b in self._featurizer.blocks]
         sharding = distributed.sharding_of(train_loader, self._featurizer.device, gather_to)
         totals: dict[str, torch.Tensor] | None = None
         for weight, pairs in self._passes(
@@ -346,6 +356,7 @@ class _Estimator:
         ):
             blocks: dict[str, dict[int, list[torch.Tensor]]] = {}  # output -> column offset -> rows
             train_steps = set()
+            errors = None  # (column offset, SketchErrors of that query chunk)
             for j0, query, _, feats, steps in pairs:
                 if with_step_matrix:
                     train_steps.add(steps)
@@ -353,18 +364,23 @@ class _Estimator:
                         raise ValueError(
                             f"train batches have different step counts: {sorted(train_steps)}"
                         )
-                    blocks.setdefault("sdi_matrix", {}).setdefault(j0, []).append(
-                        influence.step_matrix(feats, query, *chunks)
-                    )
+                    _put(blocks, j0, "sdi_matrix", influence.step_matrix(feats, query, *chunks))
                     feats = feats.sum(dim=1)
                 if mode == "sdi":
-                    blocks.setdefault("sdi", {}).setdefault(j0, []).append(
-                        influence.query_sdi(feats, query, *chunks)
-                    )
+                    _put(blocks, j0, "sdi", influence.query_sdi(feats, query, *chunks))
                 else:
-                    blocks.setdefault("tracin", {}).setdefault(j0, []).append(
-                        influence.tracin(feats, query, *chunks)
-                    )
+                    _put(blocks, j0, "tracin", influence.tracin(feats, query, *chunks))
+                if with_standard_errors:
+                    if errors is None or errors[0] != j0:
+                        per_step = query if mode == "sdi" else query[:, None]
+                        errors = (
+                            j0,
+                            uncertainty.SketchErrors(per_step, columns, self._featurizer.rules.m),
+                        )
+                    sdi_se, tracin_se = errors[1](feats, *chunks)
+                    if mode == "sdi":
+                        _put(blocks, j0, "sdi_se", sdi_se)
+                    _put(blocks, j0, "tracin_se", tracin_se)
             result = {
                 key: torch.cat([torch.cat(cols[j0]) for j0 in sorted(cols)], dim=1)
                 for key, cols in blocks.items()
@@ -374,10 +390,14 @@ class _Estimator:
             totals = sharding.gather(totals)
             if totals is None:
                 return None
+        errors = dict(sdi_se=totals.get("sdi_se"), tracin_se=totals.get("tracin_se"))
         if mode == "tracin":
-            return InfluenceOutputs(sdi=None, tracin=totals["tracin"], sdi_matrix=None)
+            return InfluenceOutputs(sdi=None, tracin=totals["tracin"], **errors)
         return InfluenceOutputs(
-            sdi=totals["sdi"], tracin=totals["sdi"].sum(dim=2), sdi_matrix=totals.get("sdi_matrix")
+            sdi=totals["sdi"],
+            tracin=totals["sdi"].sum(dim=2),
+            sdi_matrix=totals.get("sdi_matrix"),
+            **errors,
         )
 
     def top_influences(
@@ -467,17 +487,27 @@ class _Estimator:
         return TopInfluences(**top)
 
 
+def _put(blocks: dict, j0: int, key: str, rows: torch.Tensor) -> None:
+    """File one train batch's rows of output ``key`` under query chunk ``j0``."""
+    blocks.setdefault(key, {}).setdefault(j0, []).append(rows)
+
+
 def _accumulate(totals, result: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
-    """Add ``weight`` times one checkpoint's outputs to the running totals."""
+    """Add ``weight`` times one checkpoint's outputs to the running totals (``|weight|`` times
+    for standard errors, which add as an upper bound: see ``with_standard_errors``)."""
+    result = {
+        key: value.mul_(abs(weight) if key.endswith("_se") else weight)
+        for key, value in result.items()
+    }
     if totals is None:
-        return {key: value.mul_(weight) for key, value in result.items()}
+        return result
     for key, value in result.items():
         if value.shape != totals[key].shape:
             raise ValueError(
                 f"{key} has shape {tuple(value.shape)} at this checkpoint but {tuple(totals[key].shape)} "
                 "before: the loaders must yield the same examples at every checkpoint"
             )
-        totals[key].add_(value, alpha=weight)
+        totals[key].add_(value)
     return totals
 
 

@@ -210,3 +210,46 @@ def test_shuffling_loader_warns_but_runs(tmp_path, model):
     with pytest.warns(UserWarning, match="train_loader reshuffles"):
         out = _run(_est(model), path, loader, [{"tokens": tokens[:2]}], progress=True)
     assert out.sdi.shape == (6, 2, 3)
+
+
+def test_standard_errors_option_matches_the_uncertainty_module(tmp_path, train_batches):
+    from sdi.uncertainty import standard_errors
+
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    specs = [
+        CheckpointSpec(save_checkpoint(tmp_path / "a.pt", a), 0.5),
+        CheckpointSpec(save_checkpoint(tmp_path / "b.pt", b), 2.0),
+    ]
+    query = random_token_batches(5, 2, 7, 19, seed=3)
+    est = _est(a)
+    want_sdi, want_tracin = 0, 0
+    for spec, model in zip(specs, (a, b), strict=True):
+        a.load_state_dict(model.state_dict())
+        tr = torch.cat(
+            list(est.featurize_loader(loader=train_batches, loss_fn=next_token_loss).phi.values()),
+            2,
+        )
+        q = torch.cat(
+            list(est.featurize_loader(loader=query, loss_fn=next_token_loss).phi.values()), 2
+        )
+        sdi_se, tracin_se = standard_errors(
+            tr.sum(1), q, [b.columns for b in est._featurizer.blocks], 48
+        )
+        want_sdi, want_tracin = (
+            want_sdi + spec.weight * sdi_se,
+            want_tracin + spec.weight * tracin_se,
+        )
+    common = dict(
+        checkpoints=specs, train_loader=train_batches, query_loader=query, loss_fn=next_token_loss
+    )
+    out = est.influence_across_checkpoints(with_standard_errors=True, max_query_bytes=1, **common)
+    fast = est.influence_across_checkpoints(with_standard_errors=True, mode="tracin", **common)
+    assert out.sdi_se.shape == out.sdi.shape and out.tracin_se.shape == out.tracin.shape
+    torch.testing.assert_close(out.sdi_se, want_sdi, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.tracin_se, want_tracin, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast.tracin_se, want_tracin, rtol=1e-4, atol=1e-7)
+    assert fast.sdi_se is None and _run(est, specs[0].path, train_batches, query).sdi_se is None
+    with pytest.raises(ValueError, match="sketched"):
+        FullGradientTracInSDI(model=a, target_modules=a.core).influence_across_checkpoints(
+            with_standard_errors=True, **common
+        )
