@@ -61,6 +61,7 @@ class _Pass:
     out: torch.Tensor  # (B, steps, D), or (B, D) when summing over steps
     sum_steps: bool
     scale: float
+    sums: Any = None  # the rules' step-sum accumulator when summing over steps, if they have one
 
 
 def _reduce_loss(loss: torch.Tensor, loss_reduction: str) -> torch.Tensor:
@@ -221,11 +222,17 @@ class Featurizer:
                     "the loss does not depend on the outputs of the selected modules"
                 )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
-            self._pass = _Pass(plan, out, sum_steps, scale)
+            # Rules with step sums hash each parameter once per pass instead of once per use.
+            step_sums = getattr(self.rules, "step_sums", None) if sum_steps else None
+            sums = step_sums() if step_sums is not None else None
+            self._pass = _Pass(plan, out, sum_steps, scale, sums)
             try:
                 loss.backward()
             finally:
                 self._pass = None
+            if sums is not None:
+                for p, feature in sums.sketches():
+                    out[:, self._columns[p]] += feature
         return out, plan.steps
 
     @torch.no_grad()
@@ -241,6 +248,9 @@ class Featurizer:
             grad = grad.movedim(1, 0)
             activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
         params = self._module_params[module]
+        if state.sums is not None:
+            state.sums.add(module, params, activations, grad)
+            return
         slot = state.plan.slots[module][use]
         features = self.rules.features(module, params, activations, grad)
         for p, feature in zip(params, features, strict=True):

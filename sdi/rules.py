@@ -12,6 +12,7 @@ returns one ``(B, D)`` fp32 feature per parameter:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 from opacus.grad_sample.grad_sample_module import GradSampleModule
 
 from .backend import SketchBackend
+from .kernels import torch_ops
 from .sketch import CountSketchHash, TensorSketchHash, draw_count_sketch, draw_tensor_sketch
 
 
@@ -103,8 +105,22 @@ def check_supported(
         )
 
 
+# Cost model of the two Linear-weight paths on a CPU, in ns per example and use, fit to one thread
+# of a Xeon (AVX-512, torch 2.13) over m = 256..4096, T = 1..256, d = 64..1024; it picks the faster
+# path in all but near-ties. bench/test_sketch_ops.py times both paths to check it elsewhere.
+#   FFT:      T * (_FFT_NS * m * log2(m) + _HASH_NS * (d_in + d_out))
+#   explicit: d_out * d_in * (_HASH_NS + _MATMUL_NS * 2 * T)
+_FFT_NS, _HASH_NS, _MATMUL_NS = 0.5, 1.8, 0.009
+
+
 class SketchRules:
-    """TensorSketch / CountSketch features of size ``m`` (see :mod:`sdi.sketch`)."""
+    """TensorSketch / CountSketch features of size ``m`` (see :mod:`sdi.sketch`).
+
+    A Linear weight is sketched by whichever of the two exact paths of :mod:`sdi.kernels.torch_ops`
+    the cost model above says is cheaper for the call's shape: the FFT path of the backend, or (on
+    CPU) the materialised gradient ``G^T A`` hashed with the table's 2-D index, cached per table.
+    Both give the same sketch up to float rounding.
+    """
 
     exact = False
 
@@ -122,9 +138,44 @@ class SketchRules:
             else:
                 table = draw_count_sketch(p.numel(), self.m, generator)
             self.tables[p] = table.to(p.device)
+        self._signed_index: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]] = {}
+        # One (B, d_out, d_in) gradient buffer per explicit-path weight, reused by every batch:
+        # allocating it afresh costs page faults comparable to the matmul that fills it.
+        self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
 
     def width(self, param: nn.Parameter) -> int:
         return self.m
+
+    def prefers_explicit(self, param: nn.Parameter, tokens: int, device: torch.device) -> bool:
+        """Whether the Linear weight ``param`` is cheaper to sketch from its materialised gradient.
+
+        Only for CPU tensors under a torch-running backend: the constants are CPU timings, and an
+        explicit ``SDI_BACKEND=triton`` keeps its kernels (also in the CPU interpreter).
+        """
+        if device.type != "cpu" or self.backend.name == "triton":
+            return False
+        d_out, d_in = param.shape
+        fft = tokens * (_FFT_NS * self.m * math.log2(max(self.m, 2)) + _HASH_NS * (d_in + d_out))
+        return d_out * d_in * (_HASH_NS + _MATMUL_NS * 2 * tokens) < fft
+
+    def weight_grads(
+        self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, *, add: bool = False
+    ) -> torch.Tensor:
+        """``param``'s per-example gradients ``(B, d_out, d_in)`` in its reused buffer (added to it if ``add``)."""
+        buffer = self._grad_buffers.get(param)
+        if buffer is None or buffer.shape[0] != a.shape[0] or buffer.device != a.device:
+            buffer = self._grad_buffers[param] = torch_ops.linear_weight_grads(a, g)
+            return buffer
+        return torch_ops.linear_weight_grads(a, g, buffer, add=add)
+
+    def sketch_dense(self, param: nn.Parameter, phi: torch.Tensor) -> torch.Tensor:
+        """Sketch explicit gradients ``phi (B, d_out, d_in)`` fp32 of ``param`` -> ``(B, m)``."""
+        if param not in self._signed_index:
+            index = torch_ops.signed_index(self.tables[param])
+            # Both memory layouts that linear_weight_grads returns, so neither is copied per call.
+            self._signed_index[param] = (index, index.t().contiguous().t())
+        index, transposed = self._signed_index[param]
+        return torch_ops.sketch_dense(phi, index if phi.is_contiguous() else transposed, self.m)
 
     def features(
         self, module: nn.Module, params, activations, g: torch.Tensor
@@ -134,16 +185,83 @@ class SketchRules:
             g = _tokens(g)
             out = []
             for p in params:
-                if p is module.weight:
-                    out.append(be.tensor_sketch_linear(_tokens(activations[0]), g, self.tables[p]))
-                else:
+                if p is module.bias:
                     out.append(be.count_sketch(g.sum(dim=1), self.tables[p]))
+                    continue
+                a = _tokens(activations[0])
+                if self.prefers_explicit(p, a.shape[1], a.device):
+                    out.append(self.sketch_dense(p, self.weight_grads(p, a, g)))
+                else:
+                    out.append(be.tensor_sketch_linear(a, g, self.tables[p]))
             return out
         if isinstance(module, nn.Embedding):
             ids, g = _embedding_grad(module, activations[0], g)
             return [be.tensor_sketch_embedding(ids, g, self.tables[params[0]])]
         grads = _opacus_grads(module, params, activations, g)
         return [be.count_sketch(gs, self.tables[p]) for p, gs in zip(params, grads, strict=True)]
+
+    def step_sums(self) -> StepSums:
+        """An accumulator of the features summed over all uses of one backward pass."""
+        return StepSums(self)
+
+
+class StepSums:
+    """``sum_t`` of the features of every use in one backward pass, summed in the cheapest place.
+
+    Sketches are linear, so ``sum_t S(phi_t) = S(sum_t phi_t)``. What is cheap to add stays
+    unsketched until :meth:`sketches`: per-example gradients of explicit-path Linear weights
+    (``(B, d_out, d_in)``, added to by the batched matmul itself), biases and other 1-D parameters
+    (``(B, d)``). Those are then hashed once per pass instead of once per use; FFT-path and
+    Embedding weights add their per-use sketches.
+    """
+
+    def __init__(self, rules: SketchRules):
+        self.rules = rules
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._sketches: dict[nn.Parameter, torch.Tensor] = {}
+
+    def _add(self, sums: dict, param: nn.Parameter, value: torch.Tensor) -> None:
+        if param in sums:
+            sums[param] += value
+        else:
+            sums[param] = value.to(torch.float32)
+
+    def add(self, module: nn.Module, params, activations, g: torch.Tensor) -> None:
+        """Add one use (arguments as for :meth:`SketchRules.features`)."""
+        rules = self.rules
+        if isinstance(module, nn.Linear):
+            g = _tokens(g)
+            for p in params:
+                if p is module.bias:
+                    self._add(self._grads, p, g.sum(dim=1))
+                    continue
+                a = _tokens(activations[0])
+                if rules.prefers_explicit(p, a.shape[1], a.device):
+                    self._grads[p] = rules.weight_grads(p, a, g, add=p in self._grads)
+                else:
+                    self._add(
+                        self._sketches, p, rules.backend.tensor_sketch_linear(a, g, rules.tables[p])
+                    )
+            return
+        if isinstance(module, nn.Embedding):
+            ids, g = _embedding_grad(module, activations[0], g)
+            feature = rules.backend.tensor_sketch_embedding(ids, g, rules.tables[params[0]])
+            self._add(self._sketches, params[0], feature)
+            return
+        for p, gs in zip(params, _opacus_grads(module, params, activations, g), strict=True):
+            self._add(self._grads, p, gs)
+
+    @torch.no_grad()
+    def sketches(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(param, (B, m) fp32)`` for every parameter seen; empties the accumulator."""
+        out = list(self._sketches.items())
+        for p, grad in self._grads.items():
+            if grad.dim() == 3:
+                out.append((p, self.rules.sketch_dense(p, grad)))
+            else:
+                out.append((p, self.rules.backend.count_sketch(grad, self.rules.tables[p])))
+        self._grads, self._sketches = {}, {}
+        return out
 
 
 class ExactRules:

@@ -1,0 +1,150 @@
+"""Write ``bench/results/cpu-latest.md`` from one ``make bench`` run.
+
+Reads the pytest-benchmark JSON of ``bench/test_*.py`` and the JSON of ``bench/compare_reference.py``
+and writes a markdown page: the machine (CPU model, cores, threads, torch version, date, load), the
+command, and tables of medians and ratios against the DESIGN §5 targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+TARGET_VS_TRAIN_STEP = 1.25  # projected TracIn time <= 1.25x a plain forward + backward
+TARGET_VS_REFERENCE = 2.5  # >= 2.5x faster than step-decomposed-influence 0.1.1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def end_to_end(benchmarks: list[dict]) -> list[str]:
+    rows = [b for b in benchmarks if b["group"] == "end to end"]
+    if not rows:
+        return []
+    lines = [
+        "## End to end vs a plain training step (paired rounds)",
+        "",
+        "| what | median s | ratio to train step (median of pairs) | per-pair ratios | target |",
+        "|---|---:|---:|---|---|",
+    ]
+    for b in rows:
+        info = b["extra_info"]
+        if "ratio_median" in info:
+            ratio = info["ratio_median"]
+            pairs = ", ".join(f"{r:.2f}" for r in info["ratios"])
+            target = f"<= {TARGET_VS_TRAIN_STEP}: {verdict(ratio <= TARGET_VS_TRAIN_STEP)}"
+            if "tracin" not in info["what"]:
+                target = "-"
+            lines.append(
+                f"| {info['what']} | {b['stats']['median']:.3f} | {ratio:.2f} | {pairs} | {target} |"
+            )
+        else:
+            lines.append(f"| {info['what']} | {b['stats']['median']:.3f} | 1 | - | - |")
+    return [*lines, ""]
+
+
+def reference(results: dict) -> list[str]:
+    lines = [
+        "## vs step-decomposed-influence 0.1.1 (alternating processes, reference then ours)",
+        "",
+        "| mode | reference s | ours s | speed-up (median of pairs) | per-pair | CPU-time speed-up"
+        " | max rel. diff of outputs | target >= 2.5x |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for mode, res in results.items():
+        med = res["median"]
+        pairs = ", ".join(f"{p['speedup']:.2f}" for p in res["pairs"])
+        ok = verdict(med["speedup"] >= TARGET_VS_REFERENCE)
+        lines.append(
+            f"| {mode} | {med['reference_s']:.2f} | {med['ours_s']:.2f} | {med['speedup']:.2f}x"
+            f" | {pairs} | {med['cpu_speedup']:.2f}x | {med['max_rel_diff']:.1e} | {ok} |"
+        )
+    return [*lines, ""]
+
+
+def sketch_ops(benchmarks: list[dict]) -> list[str]:
+    rows = [b for b in benchmarks if "op" in b["extra_info"]]
+    if not rows:
+        return []
+    fastest: dict[tuple, tuple[float, str]] = {}
+    for b in rows:
+        info = b["extra_info"]
+        key = (info["op"], info["shape"], info["backend"])
+        if key not in fastest or b["stats"]["median"] < fastest[key][0]:
+            fastest[key] = (b["stats"]["median"], info["path"])
+    lines = [
+        "## Sketch ops, one call",
+        "",
+        "`explicit`: materialised gradient + cached 2-D hash; `fft`: count sketches + FFT;"
+        " *model picks*: the cost model's choice in `sdi.rules.SketchRules`.",
+        "",
+        "| op | shape | backend | path | median ms | model picks | pick is the faster |",
+        "|---|---|---|---|---:|---|---|",
+    ]
+    for b in rows:
+        info = b["extra_info"]
+        pick = info.get("model_picks", "-")
+        right = "-"
+        if pick != "-":
+            right = verdict(pick == fastest[(info["op"], info["shape"], info["backend"])][1])
+        lines.append(
+            f"| {info['op']} | {info['shape']} | {info['backend']} | {info['path']}"
+            f" | {b['stats']['median'] * 1e3:.2f} | {pick} | {right} |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", type=Path, required=True, help="pytest-benchmark JSON")
+    parser.add_argument("--reference", type=Path, required=True, help="compare_reference JSON")
+    parser.add_argument("--command", required=True, help="the command that produced them")
+    parser.add_argument("--load-before", default="?", help="load average when the run started")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    benchmarks = json.loads(args.benchmarks.read_text())["benchmarks"]
+    threads = os.environ.get("OMP_NUM_THREADS") or f"{torch.get_num_threads()} (torch default)"
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines = [
+        "# CPU benchmarks (latest run)",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {threads}, torch"
+        f" {torch.__version__}, {datetime.date.today().isoformat()}. Load average (1, 5, 15 min)"
+        f" before: {args.load_before}; after: {load_after} -- a shared machine: read the ratios,"
+        " each from runs side by side, not the absolute times.",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        "Workload (DESIGN §5): looped transformer d_model 128, 4 heads, 8 loop steps, seq 64,"
+        " batch 32, 128 train + 32 query examples, projection_size 1024, target_modules ="
+        " model.core, one checkpoint.",
+        "",
+        *end_to_end(benchmarks),
+        *reference(json.loads(args.reference.read_text())),
+        *sketch_ops(benchmarks),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

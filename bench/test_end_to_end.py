@@ -1,0 +1,62 @@
+"""End to end against a plain training step, as ratios from paired runs (pytest-benchmark).
+
+The DESIGN §5 CPU workload (``bench/workload.py``): ``influence_across_checkpoints`` in
+``mode="tracin"`` and ``mode="sdi"``, and, as the yardstick, a plain forward + backward with
+parameter gradients (``loss.sum().backward()``) over the same 160 examples. Every benchmark round
+of an influence call is paired with a train step run just before it (the ``setup`` of the round),
+so both see the same machine load; ``extra_info`` keeps the per-pair ratios and their median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import workload
+
+from sdi import ProjectedTracInSDI
+
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model, ckpt, train, query = workload.setup(Path(tmp_path_factory.mktemp("workload")))
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=workload.M)
+    yield model, ckpt, train, query, est
+    est.close()
+
+
+def test_train_step(benchmark, setup):
+    model, _, train, query, _ = setup
+    benchmark.group = "end to end"
+    benchmark.extra_info.update(what="train step (forward + backward with parameter grads)")
+    benchmark.pedantic(
+        lambda: workload.train_step(model, (query, train)), rounds=ROUNDS, warmup_rounds=1
+    )
+
+
+@pytest.mark.parametrize("mode", ["tracin", "sdi"])
+def test_influence_vs_train_step(benchmark, setup, mode):
+    model, ckpt, train, query, est = setup
+    train_step_s: list[float] = []
+
+    def train_step():  # the round's partner, timed here; pytest-benchmark times the influence call
+        start = time.perf_counter()
+        workload.train_step(model, (query, train))
+        train_step_s.append(time.perf_counter() - start)
+
+    workload.influence(est, ckpt, train, query, mode)  # warm-up
+    benchmark.group = "end to end"
+    benchmark.pedantic(
+        lambda: workload.influence(est, ckpt, train, query, mode), setup=train_step, rounds=ROUNDS
+    )
+    ratios = [s / t for s, t in zip(benchmark.stats.stats.data, train_step_s, strict=True)]
+    benchmark.extra_info.update(
+        what=f"influence_across_checkpoints(mode={mode!r})",
+        train_step_s=train_step_s,
+        ratios=ratios,
+        ratio_median=statistics.median(ratios),
+    )
