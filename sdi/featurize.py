@@ -11,8 +11,7 @@ grad-outputs of the selected modules, so backward skips every weight-gradient ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .hooks import HookManager
-from .rules import ExactRules, SketchRules, check_supported
+from .rules import ExactRules, SketchRules, check_supported, requires_grad_set
 from .steps import StepPlan, plan_steps
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -72,19 +71,6 @@ def _reduce_loss(loss: torch.Tensor, loss_reduction: str) -> torch.Tensor:
             f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
         )
     return loss.sum() if loss_reduction == "sum" else loss.mean()
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -199,7 +185,9 @@ class Featurizer:
         self, batch: Any, loss_fn: LossFn, *, sum_steps: bool = False
     ) -> tuple[torch.Tensor, int]:
         """Features of one batch: ``((B, steps, D) or (B, D), steps)``, fp32 on the model's device."""
-        with _frozen(self.model), self.hooks.capture() as log:
+        # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
+        params = list(self.model.parameters())
+        with requires_grad_set(params, False), self.hooks.capture() as log:
             loss = loss_fn(self.model, batch)
             if not torch.is_tensor(loss):
                 raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")

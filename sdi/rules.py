@@ -13,7 +13,7 @@ returns one ``(B, D)`` fp32 feature per parameter:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -46,21 +46,22 @@ def _embedding_grad(module: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
 
 
 @contextmanager
-def _requiring_grad(params: Sequence[nn.Parameter]):
-    """Opacus' samplers skip parameters that do not require grad; featurisation froze them all."""
+def requires_grad_set(params: Sequence[nn.Parameter], flag: bool) -> Iterator[None]:
+    """Set ``requires_grad`` of ``params`` to ``flag``; restore each one's own flag on exit."""
     flags = [p.requires_grad for p in params]
     for p in params:
-        p.requires_grad_(True)
+        p.requires_grad_(flag)
     try:
         yield
     finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
+        for p, old in zip(params, flags, strict=True):
+            p.requires_grad_(old)
 
 
 def _opacus_grads(module: nn.Module, params, activations, g) -> list[torch.Tensor]:
     sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
-    with _requiring_grad(params):
+    # Opacus' samplers skip parameters that do not require grad; featurisation froze them all.
+    with requires_grad_set(params, True):
         grads = sampler(module, activations, g)
     missing = [p for p in params if p not in grads]
     if missing:
