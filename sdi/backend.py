@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -77,7 +77,9 @@ def _triton_backend() -> SketchBackend:
         "triton",
         count_sketch.count_sketch,
         tensor_sketch.tensor_sketch_linear,
-        tensor_sketch.tensor_sketch_embedding,
+        # No id-range check (a device sync per call, in a backward hook): the estimator's ids
+        # already passed nn.Embedding's forward, and the kernel ignores out-of-range ids anyway.
+        partial(tensor_sketch.tensor_sketch_embedding, check_ids=False),
     )
 
 

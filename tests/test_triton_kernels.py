@@ -258,6 +258,22 @@ def test_clear_errors():
         tensor_sketch_embedding(torch.zeros(2, 4, device=DEVICE), g, emb)
 
 
+def test_embedding_unchecked_ids_out_of_range_contribute_nothing():
+    gen = _generator("unchecked")
+    table = draw_tensor_sketch(11, 5, 64, gen).to(DEVICE)
+    ids = torch.randint(0, 11, (3, 6), generator=gen).to(DEVICE)
+    g = _randn(gen, 3, 6, 5)
+    bad = torch.zeros_like(ids, dtype=torch.bool)
+    bad[0, 1], bad[2, 4], bad[1, 0] = True, True, True
+    ids_bad = torch.where(
+        bad, torch.tensor([11, -3, 500], device=DEVICE).repeat(6)[: ids.numel()].view_as(ids), ids
+    )
+    out = torch.full((3, 64), float("nan"), device=DEVICE)
+    tensor_sketch_embedding(ids_bad, g, table, out=out, check_ids=False)
+    want = torch_ops.tensor_sketch_embedding(ids, g * (~bad).unsqueeze(-1), table)
+    _assert_close(out, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # backend wiring
 
@@ -267,7 +283,8 @@ def test_triton_backend_uses_these_kernels():
     assert be.name == "triton"
     assert be.count_sketch is count_sketch
     assert be.tensor_sketch_linear is tensor_sketch_linear
-    assert be.tensor_sketch_embedding is tensor_sketch_embedding
+    assert be.tensor_sketch_embedding.func is tensor_sketch_embedding  # without the id sync
+    assert be.tensor_sketch_embedding.keywords == {"check_ids": False}
     gen = _generator("backend")
     table = draw_tensor_sketch(6, 9, 64, gen).to(DEVICE)
     a, g = _randn(gen, 2, 3, 9, dtype=BF16), _randn(gen, 2, 3, 6, dtype=BF16)

@@ -454,6 +454,7 @@ def _embedding_kernel(
     T,
     d,
     m,
+    V,
     width,
     tokens_per_chunk,
     BLOCK_M: tl.constexpr,
@@ -469,8 +470,11 @@ def _embedding_kernel(
     for t in range(t_lo, t_hi):
         row = (b * T + t).to(tl.int64)
         token = tl.load(ids_ptr + row)
-        shift = tl.load(h_out_ptr + token)
-        sign = tl.load(s_out_ptr + token)
+        # An id outside [0, V) contributes nothing (and reads nothing out of bounds) when the
+        # caller skipped the range check.
+        valid = (token >= 0) & (token < V)
+        shift = tl.load(h_out_ptr + token, mask=valid, other=0)
+        sign = tl.load(s_out_ptr + token, mask=valid, other=0.0)
         # out[k] += sign * CS(g_t)[(k - shift) mod m]: gather the source bucket's members.
         src = k - shift
         src = tl.where(src < 0, src + m, src)
@@ -494,6 +498,7 @@ def tensor_sketch_embedding(
     table: TensorSketchHash,
     *,
     out: torch.Tensor | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """TensorSketch of per-example Embedding weight gradients ``sum_t onehot(id_t) (x) g_t``.
 
@@ -501,7 +506,8 @@ def tensor_sketch_embedding(
     grad-outputs (fp32/fp16/bf16) with ``d = table.inp.d``. Returns ``(B, m)`` fp32:
     ``out[b, k] = sum_t s_out(id) * CS_in(g[b, t])[(k - h_out(id)) mod m]``, as
     :func:`sdi.kernels.torch_ops.tensor_sketch_embedding`. One kernel, no FFT, no atomics.
-    Checking the id range costs one device sync.
+    Checking the id range costs one device sync; ``check_ids=False`` skips it (the estimator does:
+    its ids already passed ``nn.Embedding``'s forward), and out-of-range ids then contribute zero.
     """
     _check_tables(table)
     if ids.dim() != 2 or g.dim() != 3 or ids.shape != g.shape[:2]:
@@ -524,12 +530,12 @@ def tensor_sketch_embedding(
     out = check_out("tensor_sketch_embedding", out, (n_b, m), g.device)
     if n_b == 0 or n_t == 0:
         return out.zero_()
-    lo, hi = ids.aminmax()
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= table.out.d:
-        raise ValueError(
-            f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})"
-        )
+    if check_ids:
+        lo, hi = (int(v) for v in ids.aminmax())
+        if lo < 0 or hi >= table.out.d:
+            raise ValueError(
+                f"tensor_sketch_embedding: ids span [{lo}, {hi}], outside [0, {table.out.d})"
+            )
     ids, g = ids.contiguous(), g.contiguous()
     codes, width = bucket_codes(table.inp)
     h_out = _buckets_int32(table.out)
@@ -548,6 +554,7 @@ def tensor_sketch_embedding(
         n_t,
         d,
         m,
+        table.out.d,
         width,
         per_chunk,
         BLOCK_M=block_m,
