@@ -34,7 +34,8 @@ def main() -> None:
     workload_path, result_path = sys.argv[1:3]
     import sdi
 
-    if Path(sdi.__file__).resolve().is_relative_to(ROOT):
+    # (The reference venv may live inside this repository, so compare with our package folder.)
+    if Path(sdi.__file__).resolve().parent == ROOT / "sdi":
         raise SystemExit(f"imported this repository's sdi ({sdi.__file__}), not the reference")
     from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 
