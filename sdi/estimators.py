@@ -113,24 +113,20 @@ class _Estimator:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(column offset, features)``: the query set in chunks of about ``max_bytes`` or less."""
         parts: list[torch.Tensor] = []
-        offset, steps = 0, set()
-
-        def flush():
-            chunk = torch.cat(parts)
-            parts.clear()
-            return chunk
-
+        offset, held, steps = 0, 0, set()
         for feats, s in self._batches(loader, loss_fn, per_step=per_step):
             steps.add(s)
             if per_step and len(steps) > 1:
                 raise ValueError(f"query batches have different step counts: {sorted(steps)}")
             parts.append(feats)
-            if sum(p.numel() for p in parts) * 4 >= max_bytes:
-                chunk = flush()
+            held += feats.numel() * feats.element_size()
+            if held >= max_bytes:
+                chunk = torch.cat(parts)
+                parts, held = [], 0
                 yield offset, chunk
                 offset += chunk.shape[0]
         if parts:
-            yield offset, flush()
+            yield offset, torch.cat(parts)
         elif offset == 0:
             raise ValueError("query_loader yielded no batches")
 

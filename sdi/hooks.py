@@ -82,10 +82,6 @@ class HookManager:
         self._handles.clear()
         self._log = None
 
-    @property
-    def num_hooks(self) -> int:
-        return len(self._handles)
-
     def _forward_hook(self, module: nn.Module, inputs: tuple, output):
         log = self._log
         if log is None or not torch.is_grad_enabled():
