@@ -2,9 +2,11 @@
 
 The DESIGN §5 CPU workload (``bench/workload.py``): ``influence_across_checkpoints`` in
 ``mode="tracin"`` and ``mode="sdi"``, and, as the yardstick, a plain forward + backward with
-parameter gradients (``loss.sum().backward()``) over the same 160 examples. Every benchmark round
-of an influence call is paired with a train step run just before it (the ``setup`` of the round),
-so both see the same machine load; ``extra_info`` keeps the per-pair ratios and their median.
+parameter gradients (``loss.sum().backward()``) over the same 160 examples. Also timed against that
+yardstick: the same forward + backward with every parameter frozen and no sketch math
+(``workload.activation_only_step``), the floor of any featurisation of this model. Every benchmark
+round is paired with a train step run just before it (the ``setup`` of the round), so both see the
+same machine load; ``extra_info`` keeps the per-pair ratios and their median.
 """
 
 from __future__ import annotations
@@ -38,25 +40,42 @@ def test_train_step(benchmark, setup):
     )
 
 
+def paired_with_train_step(benchmark, model, loaders, run, what: str) -> None:
+    """Benchmark ``run`` in rounds, each after a timed train step; record the per-round ratios."""
+    train_step_s: list[float] = []
+
+    def train_step():  # the round's partner, timed here; pytest-benchmark times `run`
+        start = time.perf_counter()
+        workload.train_step(model, loaders)
+        train_step_s.append(time.perf_counter() - start)
+
+    run()  # warm-up
+    benchmark.group = "end to end"
+    benchmark.pedantic(run, setup=train_step, rounds=ROUNDS)
+    ratios = [s / t for s, t in zip(benchmark.stats.stats.data, train_step_s, strict=True)]
+    benchmark.extra_info.update(
+        what=what, train_step_s=train_step_s, ratios=ratios, ratio_median=statistics.median(ratios)
+    )
+
+
 @pytest.mark.parametrize("mode", ["tracin", "sdi"])
 def test_influence_vs_train_step(benchmark, setup, mode):
     model, ckpt, train, query, est = setup
-    train_step_s: list[float] = []
-
-    def train_step():  # the round's partner, timed here; pytest-benchmark times the influence call
-        start = time.perf_counter()
-        workload.train_step(model, (query, train))
-        train_step_s.append(time.perf_counter() - start)
-
-    workload.influence(est, ckpt, train, query, mode)  # warm-up
-    benchmark.group = "end to end"
-    benchmark.pedantic(
-        lambda: workload.influence(est, ckpt, train, query, mode), setup=train_step, rounds=ROUNDS
+    paired_with_train_step(
+        benchmark,
+        model,
+        (query, train),
+        lambda: workload.influence(est, ckpt, train, query, mode),
+        f"influence_across_checkpoints(mode={mode!r})",
     )
-    ratios = [s / t for s, t in zip(benchmark.stats.stats.data, train_step_s, strict=True)]
-    benchmark.extra_info.update(
-        what=f"influence_across_checkpoints(mode={mode!r})",
-        train_step_s=train_step_s,
-        ratios=ratios,
-        ratio_median=statistics.median(ratios),
+
+
+def test_activation_only_vs_train_step(benchmark, setup):
+    model, _, train, query, _ = setup
+    paired_with_train_step(
+        benchmark,
+        model,
+        (query, train),
+        lambda: workload.activation_only_step(model, (query, train)),
+        "floor: forward + activation-only backward, parameters frozen, no sketches",
     )

@@ -7,9 +7,11 @@ here). The workload (DESIGN §5): d_model 128, 4 heads, 8 loop steps, seq 64, ba
 
 ``python bench/workload.py --mode sdi --repeats 3 --out result.pt`` times ``repeats`` calls of
 ``influence_across_checkpoints`` after one warm-up call and saves ``{"seconds": [...] (wall),
-"cpu_seconds": [...] (process CPU time), "tracin": (N_train, N_query), "sdi": (N_train, N_query,
-steps) or None, "package": where sdi was imported from}``. ``--what train-step`` times a plain
-forward + backward with parameter gradients over the same examples instead.
+"cpu_seconds": [...] (process CPU time), "first_seconds": the warm-up call (the first call of a
+fresh process), "tracin": (N_train, N_query), "sdi": (N_train, N_query, steps) or None,
+"package": where sdi was imported from}``. ``--what train-step`` times a plain
+forward + backward with parameter gradients over the same examples instead, and ``--what
+activation-only`` one with every parameter frozen and no sketches (the floor of featurisation).
 """
 
 from __future__ import annotations
@@ -108,9 +110,36 @@ def train_step(model: nn.Module, loaders) -> None:
             loss_fn(model, batch).sum().backward()
 
 
+def activation_only_step(model: nn.Module, loaders) -> None:
+    """Forward + backward with every parameter frozen, over every batch of ``loaders``: no sketches.
+
+    Backward computes activation gradients only, from the looped core's first input (made a leaf
+    that requires grad) to the loss -- what featurisation needs before any sketch math, so the
+    time of this step bounds how fast any featurisation of this model can be.
+    """
+
+    def leaf_input(module, args):
+        return None if args[0].requires_grad else (args[0].detach().requires_grad_(), *args[1:])
+
+    flags = [p.requires_grad for p in model.parameters()]
+    handle = model.core.register_forward_pre_hook(leaf_input)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for loader in loaders:
+            for batch in loader:
+                loss_fn(model, batch).sum().backward()
+    finally:
+        handle.remove()
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=["influence", "train-step"], default="influence")
+    parser.add_argument(
+        "--what", choices=["influence", "train-step", "activation-only"], default="influence"
+    )
     parser.add_argument("--mode", choices=["sdi", "tracin"], default="sdi")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
@@ -123,10 +152,14 @@ def main() -> None:
         model, ckpt, train, query = setup(Path(tmp))
         if args.what == "train-step":
             run = lambda: train_step(model, (query, train))  # noqa: E731
+        elif args.what == "activation-only":
+            run = lambda: activation_only_step(model, (query, train))  # noqa: E731
         else:
             est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=M)
             run = lambda: influence(est, ckpt, train, query, args.mode)  # noqa: E731
-        result = run()  # warm-up
+        start = time.perf_counter()
+        result = run()  # warm-up: the first call of a fresh process, timed on its own
+        first_seconds = time.perf_counter() - start
         seconds, cpu_seconds = [], []
         for _ in range(args.repeats):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -139,6 +172,7 @@ def main() -> None:
             {
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
+                "first_seconds": first_seconds,
                 "tracin": None if result is None else result.tracin,
                 "sdi": None if result is None else result.sdi,
                 "package": sdi.__file__,
