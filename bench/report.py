@@ -14,10 +14,12 @@ import os
 import platform
 from pathlib import Path
 
+import memory as mem
 import torch
 
 TARGET_VS_TRAIN_STEP = 1.25  # projected TracIn time <= 1.25x a plain forward + backward
 TARGET_VS_REFERENCE = 2.5  # >= 2.5x faster than step-decomposed-influence 0.1.1
+MEMORY_SLACK_MIB = 1.0  # memory may grow with N_train by the output tensor, plus this much noise
 
 
 def cpu_model() -> str:
@@ -90,6 +92,48 @@ def reference(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def memory(benchmarks: list[dict]) -> list[str]:
+    rows = sorted(
+        (b for b in benchmarks if b["group"] == "memory vs N_train"),
+        key=lambda b: b["extra_info"]["n_train"],
+    )
+    if not rows:
+        return []
+    mib = float(1 << 20)
+    lines = [
+        '## Memory vs N_train (streaming `influence_across_checkpoints`, mode="sdi")',
+        "",
+        f"`bench/memory.py --child N` in a fresh process: toy looped transformer (d {mem.D},"
+        f" tau {mem.STEPS}, seq {mem.SEQ}, m {mem.M}, {mem.N_QUERY} queries). Growth over the"
+        " footprint before the call; the reference design keeps every train example's per-step"
+        " sketches (N_train x params x steps x m x 4 bytes). *seconds*: the whole process.",
+        "",
+        "| N_train | heap in use, MiB | peak RSS, MiB | output tensor, MiB"
+        " | reference design's train sketches, MiB | seconds |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in rows:
+        info = b["extra_info"]
+        lines.append(
+            f"| {info['n_train']} | {info['heap_growth_bytes'] / mib:.2f}"
+            f" | {info['rss_growth_bytes'] / mib:.1f} | {info['output_bytes'] / mib:.2f}"
+            f" | {info['reference_design_bytes'] / mib:.0f} | {b['stats']['median']:.1f} |"
+        )
+    small, large = rows[0]["extra_info"], rows[-1]["extra_info"]
+    heap = (large["heap_growth_bytes"] - small["heap_growth_bytes"]) / mib
+    output = (large["output_bytes"] - small["output_bytes"]) / mib
+    lines += [
+        "",
+        f"From N_train {small['n_train']} to {large['n_train']} the heap in use grows by"
+        f" {heap:.2f} MiB and the output tensor by {output:.2f} MiB: {heap - output:+.2f} MiB"
+        f" beyond the output (target: the output only, within {MEMORY_SLACK_MIB} MiB of"
+        f" allocator noise): {verdict(heap - output <= MEMORY_SLACK_MIB)}. Peak RSS also counts"
+        " allocator fragmentation and each batch's temporaries.",
+        "",
+    ]
+    return lines
+
+
 def sketch_ops(benchmarks: list[dict]) -> list[str]:
     rows = [b for b in benchmarks if "op" in b["extra_info"]]
     if not rows:
@@ -151,6 +195,7 @@ def main() -> None:
         *end_to_end(benchmarks),
         *reference(json.loads(args.reference.read_text())),
         *sketch_ops(benchmarks),
+        *memory(benchmarks),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
