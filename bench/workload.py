@@ -9,9 +9,9 @@ here). The workload (DESIGN §5): d_model 128, 4 heads, 8 loop steps, seq 64, ba
 ``influence_across_checkpoints`` after one warm-up call and saves ``{"seconds": [...] (wall),
 "cpu_seconds": [...] (process CPU time), "first_seconds": the warm-up call (the first call of a
 fresh process), "tracin": (N_train, N_query), "sdi": (N_train, N_query, steps) or None,
-"package": where sdi was imported from}``. ``--what train-step`` times a plain
-forward + backward with parameter gradients over the same examples instead, and ``--what
-activation-only`` one with every parameter frozen and no sketches (the floor of featurisation).
+"package": where sdi was imported from}``. ``--what train-step`` times a plain forward + backward
+with parameter gradients over the same examples instead, and ``--what activation-only`` one with
+every parameter frozen and no sketches (the floor of featurisation).
 """
 
 from __future__ import annotations
