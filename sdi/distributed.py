@@ -1,8 +1,9 @@
 """Sharding the train set over processes with ``torch.distributed``.
 
 When a default process group of more than one process is initialised (``torchrun``), the estimators
-split the train set between the ranks and gather the rows afterwards; with no process group, or a
-group of one, none of this runs.
+split the train set between the ranks and gather the rows afterwards (``featurize_loader`` splits
+its loader the same way and gathers the feature rows); with no process group, or a group of one,
+none of this runs.
 
 Batch ownership: every rank iterates the same train loader and featurises only the batches
 ``i`` with ``i % world_size == rank``, skipping the others without featurising them (loading a
@@ -60,15 +61,23 @@ class Sharding:
         comm: where tensor collectives run (the features' device under NCCL, the CPU under gloo).
         to: who receives gathered results: a rank, ``"all"``, or ``None`` (each rank keeps its own
             rows, in its loader order).
+        name: what the sharded loader is called in error messages (``"train_loader"``).
 
-    ``counts`` lists the rows of each batch this rank featurised in the latest train pass; the train
-    stream sets it and the gathers read it.
+    ``counts`` lists the rows of each batch this rank featurised in the latest pass over its loader;
+    the train stream (or ``featurize_loader``) sets it and the gathers read it.
     """
 
     def __init__(
-        self, rank: int, world: int, device: torch.device, comm: torch.device, to: GatherTo
+        self,
+        rank: int,
+        world: int,
+        device: torch.device,
+        comm: torch.device,
+        to: GatherTo,
+        name: str = "train_loader",
     ):
         self.rank, self.world, self.device, self.comm, self.to = rank, world, device, comm, to
+        self.name = name
         self.counts: list[int] = []
 
     @property
@@ -189,7 +198,7 @@ class Sharding:
                 if shapes.setdefault(key, shape) != shape:
                     raise ValueError(
                         f"ranks computed {key} rows of shapes {shapes[key]} and {shape}: every rank "
-                        "must iterate the same query loader"
+                        "must iterate the same loaders"
                     )
         return meta, dict(sorted(shapes.items())), self._row_ids([m["counts"] for m in meta])
 
@@ -199,8 +208,8 @@ class Sharding:
         owned = [len(range(r, n_batches, self.world)) for r in range(self.world)]
         if [len(c) for c in counts] != owned:
             raise ValueError(
-                f"ranks featurised {[len(c) for c in counts]} train batches, but batch i belongs to "
-                f"rank i % {self.world}: every rank must iterate the same train loader"
+                f"ranks featurised {[len(c) for c in counts]} batches of {self.name}, but batch i "
+                f"belongs to rank i % {self.world}: every rank must iterate the same {self.name}"
             )
         ids: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
         start = 0
@@ -209,7 +218,7 @@ class Sharding:
             ids[b % self.world].append(torch.arange(start, start + n))
             start += n
         if start == 0:
-            raise ValueError("train_loader yielded no batches")
+            raise ValueError(f"{self.name} yielded no batches")
         return [torch.cat(i) if i else torch.zeros(0, dtype=torch.int64) for i in ids]
 
     def _local(self, rows: dict[str, torch.Tensor], key: str, shapes) -> torch.Tensor:
@@ -241,19 +250,22 @@ class Sharding:
         return everyone
 
 
-def sharding_of(loader: Iterable[Any], device: torch.device, to: GatherTo) -> Sharding | None:
+def sharding_of(
+    loader: Iterable[Any], device: torch.device, to: GatherTo, name: str = "train_loader"
+) -> Sharding | None:
     """The :class:`Sharding` of one call, or ``None`` when the process runs alone.
 
-    ``loader`` is the train loader, ``device`` the features' device, ``to`` who receives results
-    (``gather_to`` of the estimators).
+    ``loader`` is the loader to split (the train loader; ``featurize_loader``'s loader), ``device``
+    the features' device, ``to`` who receives results (``gather_to`` of the estimators), ``name``
+    the loader's name in error messages.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     if isinstance(getattr(loader, "sampler", None), DistributedSampler):
         raise ValueError(
-            "train_loader uses a DistributedSampler, but sdi shards the train set itself (batch i "
-            "goes to rank i % world_size): give every rank the same, unsplit loader"
+            f"{name} uses a DistributedSampler, but sdi shards it itself (batch i goes to rank "
+            "i % world_size): give every rank the same, unsplit loader"
         )
     if not (to is None or to == "all" or (isinstance(to, int) and 0 <= to < world)):
         raise ValueError(f"gather_to must be a rank in [0, {world}), 'all' or None, got {to!r}")
@@ -265,4 +277,4 @@ def sharding_of(loader: Iterable[Any], device: torch.device, to: GatherTo) -> Sh
             "'gloo' (or 'cpu:gloo,cuda:nccl'), or put the model on the GPU"
         )
     comm = torch.device("cpu") if backend == "gloo" else device
-    return Sharding(rank, world, device, comm, to)
+    return Sharding(rank, world, device, comm, to, name)

@@ -98,15 +98,41 @@ class _Estimator:
             if bar is not None:
                 bar.update(1)
 
-    def featurize_loader(self, *, loader: Iterable[Any], loss_fn: LossFn) -> FeatureSet:
-        """Per-step features of every example in ``loader``, concatenated in loader order."""
-        parts = [feats for feats, _ in self._batches(loader, loss_fn, per_step=True)]
-        if not parts:
-            raise ValueError("the loader yielded no batches")
-        steps = {p.shape[1] for p in parts}
-        if len(steps) > 1:
-            raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
-        return self._featurizer.feature_set(torch.cat(parts), steps.pop())
+    def featurize_loader(
+        self, *, loader: Iterable[Any], loss_fn: LossFn, gather_to: distributed.GatherTo = "all"
+    ) -> FeatureSet | None:
+        """Per-step features of every example in ``loader``, concatenated in loader order.
+
+        Under ``torch.distributed`` with more than one process, batch ``i`` is featurised by rank
+        ``i % world_size`` alone and the rows are gathered to ``gather_to``: ``"all"`` (default)
+        gives every rank the whole :class:`FeatureSet`, as one process computes it; a rank gives
+        it to that rank and ``None`` to the others; ``None`` gives each rank the rows of its own
+        batches, in order. With no process group ``gather_to`` is ignored.
+        """
+        sharding = distributed.sharding_of(
+            loader, self._featurizer.device, gather_to, name="loader"
+        )
+        owned = loader if sharding is None else sharding.owned(loader)
+        try:
+            parts = [feats for feats, _ in self._batches(owned, loss_fn, per_step=True)]
+            steps = {p.shape[1] for p in parts}
+            if len(steps) > 1:
+                raise ValueError(
+                    f"batches of one loader have different step counts: {sorted(steps)}"
+                )
+        except Exception as err:
+            if sharding is not None:
+                sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
+            raise
+        if sharding is None:
+            if not parts:
+                raise ValueError("the loader yielded no batches")
+            return self._featurizer.feature_set(torch.cat(parts), steps.pop())
+        sharding.counts = [p.shape[0] for p in parts]
+        rows = sharding.gather({"phi": torch.cat(parts)} if parts else {})
+        if rows is None:
+            return None
+        return self._featurizer.feature_set(rows["phi"], rows["phi"].shape[1])
 
     def _query_chunks(
         self, loader, loss_fn, *, per_step: bool, max_bytes: int

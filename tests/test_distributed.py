@@ -54,6 +54,24 @@ def _as_dict(out):
 def _runs(est, common, folder: Path, rank: int) -> dict:
     """Everything the sharded runs return, by name (keys shared with :func:`_expected`)."""
     one_batch = dict(common, train_loader=common["train_loader"][:1])  # rank 1 owns no batch
+    batch_sizes = []
+
+    def counting_loss(model, batch):
+        batch_sizes.append(int(batch["tokens"].shape[0]))
+        return next_token_loss(model, batch)
+
+    train = common["train_loader"]
+    features = {  # first: the model still holds its own weights, no checkpoint's
+        "features_all": est.featurize_loader(loader=train, loss_fn=counting_loss),
+        "features_calls": list(batch_sizes),
+        "features_1": _as_dict(
+            est.featurize_loader(loader=train, loss_fn=next_token_loss, gather_to=1)
+        ),
+        "features_local": _as_dict(
+            est.featurize_loader(loader=train, loss_fn=next_token_loss, gather_to=None)
+        ),
+    }
+    features["features_all"] = _as_dict(features["features_all"])
     out = {
         "matrix": est.influence_across_checkpoints(with_step_matrix=True, **common),
         "sdi_chunked": est.influence_across_checkpoints(
@@ -68,18 +86,13 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
         "one_batch": est.influence_across_checkpoints(gather_to="all", **one_batch),
         "top_one_batch": est.top_influences(k=1, gather_to="all", **one_batch),
     }
-    calls = []
-
-    def counting_loss(model, batch):
-        calls.append(int(batch["tokens"].shape[0]))
-        return next_token_loss(model, batch)
-
+    batch_sizes.clear()
     out["stored"] = est.influence_across_checkpoints(
         train_store=folder / "store", **dict(common, loss_fn=counting_loss)
     )
     out = {key: _as_dict(value) for key, value in out.items()}
-    out["stored_calls"] = calls
-    return out
+    out["stored_calls"] = batch_sizes
+    return {**out, **features}
 
 
 def _expected(folder: Path) -> dict:
@@ -87,6 +100,7 @@ def _expected(folder: Path) -> dict:
     one_batch = dict(common, train_loader=common["train_loader"][:1])
     est = _estimator()
     out = {
+        "features": est.featurize_loader(loader=common["train_loader"], loss_fn=next_token_loss),
         "matrix": est.influence_across_checkpoints(with_step_matrix=True, **common),
         "sdi": est.influence_across_checkpoints(**common),
         "tracin": est.influence_across_checkpoints(mode="tracin", **common),
@@ -111,6 +125,16 @@ def _fail_on_rank_1(est, common, folder: Path, rank: int) -> dict:
     return {}
 
 
+def _fail_features_on_rank_1(est, common, folder: Path, rank: int) -> dict:
+    def loss_fn(model, batch):
+        if rank == 1:
+            raise ValueError("boom on rank 1")
+        return next_token_loss(model, batch)
+
+    est.featurize_loader(loader=common["train_loader"], loss_fn=loss_fn)
+    return {}
+
+
 def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)  # two processes on two cores
@@ -123,7 +147,11 @@ def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
             world_size=WORLD,
             timeout=timedelta(seconds=30),
         )
-        run = {"runs": _runs, "fail": _fail_on_rank_1}[scenario]
+        run = {
+            "runs": _runs,
+            "fail": _fail_on_rank_1,
+            "fail_features": _fail_features_on_rank_1,
+        }[scenario]
         torch.save(run(_estimator(), _data(folder), folder, rank), folder / f"rank{rank}.pt")
     except BaseException:
         (folder / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -202,6 +230,17 @@ def test_two_ranks_equal_one_process(checkpoints):
     for rank in range(WORLD):
         torch.testing.assert_close(got[rank]["local"]["sdi"], want["sdi"]["sdi"][rows[rank]])
 
+    # featurize_loader: each rank featurises its own batches only; gather_to="all" by default.
+    want_phi = want["features"]["phi"]
+    assert [got[rank]["features_calls"] for rank in range(WORLD)] == [[2, 2, 1], [2, 2]]
+    for rank in range(WORLD):
+        _close(got[rank]["features_all"]["phi"], want_phi)
+        assert got[rank]["features_all"]["steps"] == want["features"]["steps"]
+        local = got[rank]["features_local"]["phi"]
+        _close(local, {name: value[rows[rank]] for name, value in want_phi.items()})
+    _close(got[1]["features_1"]["phi"], want_phi)
+    assert got[0]["features_1"] is None
+
     # The store: one folder per rank, written by the first run and read by the later ones.
     _close(got[0]["top_store"], want["top2"])
     assert got[1]["top_store"] is None
@@ -218,10 +257,11 @@ def test_two_ranks_equal_one_process(checkpoints):
         assert [s["rows"] for s in manifest["shards"]] == [[2, 2, 1], [2, 2]][rank]
 
 
-def test_a_failing_rank_fails_every_rank_without_hanging(checkpoints, tmp_path):
+@pytest.mark.parametrize("scenario", ["fail", "fail_features"])
+def test_a_failing_rank_fails_every_rank_without_hanging(checkpoints, tmp_path, scenario):
     for name in ("a.pt", "b.pt"):
         (tmp_path / name).write_bytes((checkpoints / name).read_bytes())
-    codes = _launch(tmp_path, "fail")
+    codes = _launch(tmp_path, scenario)
     assert all(code != 0 for code in codes), codes
     assert "ValueError: boom on rank 1" in (tmp_path / "rank1.err").read_text()
     err0 = (tmp_path / "rank0.err").read_text()
