@@ -67,7 +67,7 @@ def test_tensor_sketch_linear(benchmark, device, path, shape):
         shape=_linear_id(shape),
         backend=backend.name,
         path=path,
-        model_picks="explicit" if rules.prefers_explicit(weight, T, a.device) else "fft",
+        model_picks="explicit" if rules.prefers_explicit(weight, T, a.device, B) else "fft",
     )
     if path == "fft":
         _run(benchmark, lambda: backend.tensor_sketch_linear(a, g, table), device)

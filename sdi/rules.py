@@ -112,6 +112,9 @@ def check_supported(
 #   FFT:      T * (_FFT_NS * m * log2(m) + _HASH_NS * (d_in + d_out))
 #   explicit: d_out * d_in * (_HASH_NS + _MATMUL_NS * 2 * T)
 _FFT_NS, _HASH_NS, _MATMUL_NS = 0.5, 1.8, 0.009
+# The explicit path keeps one (B, d_out, d_in) fp32 buffer per weight. Past this size it is not taken,
+# however fast, so that a large layer over long sequences cannot claim gigabytes of memory.
+EXPLICIT_MAX_BUFFER_BYTES = 128 << 20
 
 
 class SketchRules:
@@ -147,15 +150,21 @@ class SketchRules:
     def width(self, param: nn.Parameter) -> int:
         return self.m
 
-    def prefers_explicit(self, param: nn.Parameter, tokens: int, device: torch.device) -> bool:
+    def prefers_explicit(
+        self, param: nn.Parameter, tokens: int, device: torch.device, batch: int = 1
+    ) -> bool:
         """Whether the Linear weight ``param`` is cheaper to sketch from its materialised gradient.
 
-        Only for CPU tensors under a torch-running backend: the constants are CPU timings, and an
-        explicit ``SDI_BACKEND=triton`` keeps its kernels (also in the CPU interpreter).
+        ``tokens`` per example, ``batch`` examples. Only for CPU tensors under a torch-running
+        backend (the constants are CPU timings, and an explicit ``SDI_BACKEND=triton`` keeps its
+        kernels, also in the CPU interpreter), and only while the gradient buffer stays within
+        :data:`EXPLICIT_MAX_BUFFER_BYTES`.
         """
         if device.type != "cpu" or self.backend.name == "triton":
             return False
         d_out, d_in = param.shape
+        if batch * d_out * d_in * 4 > EXPLICIT_MAX_BUFFER_BYTES:
+            return False
         fft = tokens * (_FFT_NS * self.m * math.log2(max(self.m, 2)) + _HASH_NS * (d_in + d_out))
         return d_out * d_in * (_HASH_NS + _MATMUL_NS * 2 * tokens) < fft
 
@@ -190,7 +199,7 @@ class SketchRules:
                     out.append(be.count_sketch(g.sum(dim=1), self.tables[p]))
                     continue
                 a = _tokens(activations[0])
-                if self.prefers_explicit(p, a.shape[1], a.device):
+                if self.prefers_explicit(p, a.shape[1], a.device, a.shape[0]):
                     out.append(self.sketch_dense(p, self.weight_grads(p, a, g)))
                 else:
                     out.append(be.tensor_sketch_linear(a, g, self.tables[p]))
@@ -237,7 +246,7 @@ class StepSums:
                     self._add(self._grads, p, g.sum(dim=1))
                     continue
                 a = _tokens(activations[0])
-                if rules.prefers_explicit(p, a.shape[1], a.device):
+                if rules.prefers_explicit(p, a.shape[1], a.device, a.shape[0]):
                     self._grads[p] = rules.weight_grads(p, a, g, add=p in self._grads)
                 else:
                     self._add(

@@ -129,6 +129,22 @@ def test_cost_model_picks_the_materialised_path_for_small_layers_only():
     )  # not a CPU: backend kernels
 
 
+def test_cost_model_keeps_the_gradient_buffer_within_its_cap(monkeypatch):
+    layer = nn.Linear(128, 384, bias=False)
+    rules = SketchRules([layer.weight], 1024, seed=0, backend=get_backend("torch"))
+    cpu = torch.device("cpu")
+    buffer_bytes = 32 * 384 * 128 * 4
+    monkeypatch.setattr("sdi.rules.EXPLICIT_MAX_BUFFER_BYTES", buffer_bytes)
+    assert rules.prefers_explicit(layer.weight, 64, cpu, batch=32)
+    assert not rules.prefers_explicit(layer.weight, 64, cpu, batch=33)
+    # Through the rules, a batch past the cap takes the FFT path: same sketch, no buffer.
+    a, g = _inputs(384, 128, 33, 64, seed=4)
+    table = rules.tables[layer.weight]
+    got = rules.features(layer, [layer.weight], [a], g)[0]
+    assert layer.weight not in rules._grad_buffers
+    torch.testing.assert_close(got, _explicit(a, g, table), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_summed_features_equal_per_step_features_summed(explicit):
     model = tiny_model(seed=2, steps=3)
