@@ -29,6 +29,16 @@ def _dense(est, train, query):
     return torch.einsum("isd,jtd->ijst", tr, q)
 
 
+def _two_checkpoints(tmp_path, weight_a: float, weight_b: float):
+    """Two tiny models (seeds 1, 2), saved as ``a.pt`` and ``b.pt``, and their specs."""
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    specs = [
+        CheckpointSpec(save_checkpoint(tmp_path / "a.pt", a), weight_a),
+        CheckpointSpec(save_checkpoint(tmp_path / "b.pt", b), weight_b),
+    ]
+    return a, b, specs
+
+
 def _run(est, path, train, query, **kw):
     return est.influence_across_checkpoints(
         checkpoints=[CheckpointSpec(path, weight=1.0)],
@@ -178,11 +188,7 @@ def test_store_refuses_another_checkpoint_with_the_same_name(
 
 
 def test_top_influences_equal_topk_of_dense(tmp_path, train_batches):
-    a, b = tiny_model(seed=1), tiny_model(seed=2)
-    specs = [
-        CheckpointSpec(save_checkpoint(tmp_path / "a.pt", a), 0.4),
-        CheckpointSpec(save_checkpoint(tmp_path / "b.pt", b), 1.1),
-    ]
+    a, b, specs = _two_checkpoints(tmp_path, 0.4, 1.1)
     query = random_token_batches(5, 2, 7, 19, seed=3)
     est = _est(a)
     common = dict(
@@ -215,11 +221,7 @@ def test_shuffling_loader_warns_but_runs(tmp_path, model):
 def test_standard_errors_option_matches_the_uncertainty_module(tmp_path, train_batches):
     from sdi.uncertainty import standard_errors
 
-    a, b = tiny_model(seed=1), tiny_model(seed=2)
-    specs = [
-        CheckpointSpec(save_checkpoint(tmp_path / "a.pt", a), 0.5),
-        CheckpointSpec(save_checkpoint(tmp_path / "b.pt", b), 2.0),
-    ]
+    a, b, specs = _two_checkpoints(tmp_path, 0.5, 2.0)
     query = random_token_batches(5, 2, 7, 19, seed=3)
     est = _est(a)
     want_sdi, want_tracin = 0, 0
