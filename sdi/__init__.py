@@ -6,9 +6,9 @@ Drop-in for ``step-decomposed-influence`` 0.1.1, with kernels chosen by ``SDI_BA
 __version__ = "0.2.0"  # before the imports: sdi.estimators records it in feature stores
 
 from .backend import backend_info
-from .checkpoints import CheckpointSpec, InfluenceOutputs
-from .estimators import FullGradientTracInSDI, ProjectedTracInSDI, TopInfluences
-from .featurize import FeatureSet
+from .checkpoints import CheckpointSpec
+from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
+from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
 
 __all__ = [
     "ProjectedTracInSDI",

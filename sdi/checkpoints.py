@@ -1,4 +1,4 @@
-"""Checkpoints: what to load, how much each counts (``eta_k``), and the result type.
+"""Checkpoints: what to load and how much each counts (``eta_k``).
 
 A checkpoint file is a dict holding ``model_state_dict``, or ``state_dict``, or is itself a state dict.
 Its weight, when :class:`CheckpointSpec` gives none, is the learning rate in
@@ -22,24 +22,6 @@ class CheckpointSpec:
 
     path: str | Path
     weight: float | None = None
-
-
-@dataclass(frozen=True)
-class InfluenceOutputs:
-    """Influence summed over checkpoints (fp32).
-
-    - ``sdi``: ``(N_train, N_query, steps_query)``, or ``None`` in ``mode="tracin"``
-    - ``tracin``: ``(N_train, N_query)``
-    - ``sdi_matrix``: ``(N_train, N_query, steps_train, steps_query)`` when asked for
-    - ``sdi_se``, ``tracin_se``: standard errors of ``sdi`` and ``tracin``, shaped like them, with
-      ``with_standard_errors=True`` (projected estimator)
-    """
-
-    sdi: torch.Tensor | None
-    tracin: torch.Tensor
-    sdi_matrix: torch.Tensor | None = None
-    sdi_se: torch.Tensor | None = None
-    tracin_se: torch.Tensor | None = None
 
 
 def default_load_checkpoint(

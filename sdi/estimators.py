@@ -16,7 +16,6 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,32 +28,15 @@ from . import __version__, distributed, influence, uncertainty
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
-    InfluenceOutputs,
     default_eta_from_checkpoint,
     default_load_checkpoint,
     default_load_model_state_dict,
 )
-from .featurize import FeatureSet, Featurizer, LossFn
+from .featurize import Featurizer, LossFn
+from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
 from .store import FeatureStore, file_sha256
 
 DEFAULT_MAX_QUERY_BYTES = 2 << 30  # query features held at once; more -> one train pass per chunk
-
-
-@dataclass(frozen=True)
-class TopInfluences:
-    """The ``k`` most and ``k`` least influential train examples for each query.
-
-    Row ``j`` belongs to query ``j`` (query loader order); indices are rows of the train loader.
-    ``*_indices (N_query, k)`` int64, ``*_tracin (N_query, k)``, ``*_sdi (N_query, k, steps_query)``;
-    ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
-    """
-
-    most_indices: torch.Tensor
-    most_tracin: torch.Tensor
-    most_sdi: torch.Tensor
-    least_indices: torch.Tensor
-    least_tracin: torch.Tensor
-    least_sdi: torch.Tensor
 
 
 def _warn_if_shuffled(loader: Iterable[Any], name: str) -> None:

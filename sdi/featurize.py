@@ -18,27 +18,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .freezing import requires_grad_set
 from .hooks import HookManager
-from .rules import ExactRules, SketchRules, check_supported, requires_grad_set
+from .outputs import FeatureSet
+from .rules import ExactRules, SketchRules, check_supported
 from .steps import StepPlan, plan_steps
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """Per-step features of a set of examples.
-
-    ``phi`` maps parameter name -> ``(N, steps, m)`` (projected) or ``(N, steps, *param.shape)``
-    (exact); ``steps`` is the number of step slots.
-    """
-
-    phi: dict[str, torch.Tensor]
-    steps: int
-
-    @property
-    def n(self) -> int:
-        return int(next(iter(self.phi.values())).shape[0])
 
 
 @dataclass(frozen=True)

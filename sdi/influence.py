@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _chunks(n: int, size: int | None):
-    size = n if not size or size <= 0 else size
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+from .chunking import spans
 
 
 def query_sdi(
@@ -29,8 +26,8 @@ def query_sdi(
     """``train_sum (n, D)``, ``query (N_q, S_q, D)`` -> ``(n, N_q, S_q)``."""
     n, (nq, sq, _) = train_sum.shape[0], query.shape
     out = torch.empty(n, nq, sq, dtype=torch.float32, device=query.device)
-    for i0, i1 in _chunks(n, train_chunk):
-        for j0, j1 in _chunks(nq, query_chunk):
+    for i0, i1 in spans(n, train_chunk):
+        for j0, j1 in spans(nq, query_chunk):
             q = query[j0:j1].reshape(-1, query.shape[-1])
             out[i0:i1, j0:j1] = (train_sum[i0:i1] @ q.T).view(i1 - i0, j1 - j0, sq)
     return out
@@ -46,8 +43,8 @@ def tracin(
     out = torch.empty(
         train_sum.shape[0], query_sum.shape[0], dtype=torch.float32, device=query_sum.device
     )
-    for i0, i1 in _chunks(train_sum.shape[0], train_chunk):
-        for j0, j1 in _chunks(query_sum.shape[0], query_chunk):
+    for i0, i1 in spans(train_sum.shape[0], train_chunk):
+        for j0, j1 in spans(query_sum.shape[0], query_chunk):
             out[i0:i1, j0:j1] = train_sum[i0:i1] @ query_sum[j0:j1].T
     return out
 
@@ -61,8 +58,8 @@ def step_matrix(
     """``train (n, S_tr, D)``, ``query (N_q, S_q, D)`` -> ``(n, N_q, S_tr, S_q)``."""
     (n, st, d), (nq, sq, _) = train.shape, query.shape
     out = torch.empty(n, nq, st, sq, dtype=torch.float32, device=query.device)
-    for i0, i1 in _chunks(n, train_chunk):
-        for j0, j1 in _chunks(nq, query_chunk):
+    for i0, i1 in spans(n, train_chunk):
+        for j0, j1 in spans(nq, query_chunk):
             prod = train[i0:i1].reshape(-1, d) @ query[j0:j1].reshape(-1, d).T
             out[i0:i1, j0:j1] = prod.view(i1 - i0, st, j1 - j0, sq).permute(0, 2, 1, 3)
     return out

@@ -13,14 +13,14 @@ returns one ``(B, D)`` fp32 feature per parameter:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from opacus.grad_sample.grad_sample_module import GradSampleModule
 
 from .backend import SketchBackend
+from .freezing import requires_grad_set
 from .kernels import torch_ops
 from .sketch import CountSketchHash, TensorSketchHash, draw_count_sketch, draw_tensor_sketch
 
@@ -43,19 +43,6 @@ def _embedding_grad(module: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
     if module.padding_idx is not None:  # torch gives the padding row no gradient
         g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
     return ids, g
-
-
-@contextmanager
-def requires_grad_set(params: Sequence[nn.Parameter], flag: bool) -> Iterator[None]:
-    """Set ``requires_grad`` of ``params`` to ``flag``; restore each one's own flag on exit."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(flag)
-    try:
-        yield
-    finally:
-        for p, old in zip(params, flags, strict=True):
-            p.requires_grad_(old)
 
 
 def _opacus_grads(module: nn.Module, params, activations, g) -> list[torch.Tensor]:

@@ -63,10 +63,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def _chunks(n: int, size: int | None):
-    size = n if not size or size <= 0 else size
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+from .chunking import spans
 
 
 class _Spectra:
@@ -156,8 +153,8 @@ class SketchErrors:
         n, nq = train.sq.shape[0], query.sq.shape[0]
         F = self.freqs
         out = torch.empty(n, nq, dtype=torch.float32, device=train.sq.device)
-        for i0, i1 in _chunks(n, train_chunk):
-            for j0, j1 in _chunks(nq, query_chunk):
+        for i0, i1 in spans(n, train_chunk):
+            for j0, j1 in spans(nq, query_chunk):
                 sum_sq = train.sq[i0:i1] @ query.sq[j0:j1].T
                 sums = torch.bmm(train.lin[:, i0:i1], query.lin[:, j0:j1].transpose(1, 2))
                 spread = sum_sq - sums.square().sum(dim=0) / F

@@ -1,0 +1,88 @@
+"""The estimators' public contract: method signatures (drop-in with 0.1.1 plus today's keywords)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from sdi import FullGradientTracInSDI, ProjectedTracInSDI
+from sdi.checkpoints import (
+    default_eta_from_checkpoint,
+    default_load_checkpoint,
+    default_load_model_state_dict,
+)
+
+NO_DEFAULT = inspect.Parameter.empty
+
+# (name, default) of every keyword-only parameter, in order. Written out by hand: a restructuring
+# that drops, renames, reorders or re-defaults one fails here.
+LOADING = [
+    ("load_checkpoint_fn", default_load_checkpoint),
+    ("load_model_state_dict_fn", default_load_model_state_dict),
+    ("eta_from_checkpoint_fn", default_eta_from_checkpoint),
+    ("progress", False),
+    ("progress_desc", "checkpoints"),
+    ("max_query_bytes", 2 << 30),
+    ("train_store", None),
+    ("gather_to", 0),
+]
+RUN = [
+    ("checkpoints", NO_DEFAULT),
+    ("train_loader", NO_DEFAULT),
+    ("query_loader", NO_DEFAULT),
+    ("loss_fn", NO_DEFAULT),
+]
+SHARED_INIT = [
+    ("loss_reduction", "sum"),
+    ("batch_first", True),
+    ("expected_steps", None),
+    ("allow_mixed_steps", False),
+    ("strict", True),
+]
+CONTRACT = {
+    "influence_across_checkpoints": RUN
+    + [
+        ("mode", "sdi"),
+        ("with_step_matrix", False),
+        ("train_chunk_size", None),
+        ("query_chunk_size", None),
+    ]
+    + LOADING
+    + [("with_standard_errors", False)],
+    "top_influences": [("k", NO_DEFAULT)] + RUN + LOADING,
+    "featurize_loader": [("loader", NO_DEFAULT), ("loss_fn", NO_DEFAULT), ("gather_to", "all")],
+}
+INIT = {
+    ProjectedTracInSDI: [
+        ("model", NO_DEFAULT),
+        ("target_modules", NO_DEFAULT),
+        ("projection_size", 2048),
+        ("seed", 0),
+    ]
+    + SHARED_INIT,
+    FullGradientTracInSDI: [("model", NO_DEFAULT), ("target_modules", NO_DEFAULT)] + SHARED_INIT,
+}
+
+
+def _keywords(function) -> list[tuple[str, object]]:
+    params = list(inspect.signature(function).parameters.values())
+    assert params[0].name == "self"
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), function
+    return [(p.name, p.default) for p in params[1:]]
+
+
+@pytest.mark.parametrize("cls", [ProjectedTracInSDI, FullGradientTracInSDI])
+@pytest.mark.parametrize("method", sorted(CONTRACT))
+def test_public_method_signatures_are_pinned(cls, method):
+    assert _keywords(getattr(cls, method)) == CONTRACT[method]
+
+
+@pytest.mark.parametrize("cls", sorted(INIT, key=lambda c: c.__name__))
+def test_constructor_signatures_are_pinned(cls):
+    assert _keywords(cls.__init__) == INIT[cls]
+
+
+def test_close_and_model_are_public():
+    assert list(inspect.signature(ProjectedTracInSDI.close).parameters) == ["self"]
+    assert isinstance(inspect.getattr_static(ProjectedTracInSDI, "model"), property)
