@@ -2,8 +2,9 @@
 
 When a default process group of more than one process is initialised (``torchrun``), the estimators
 split the train set between the ranks and gather the rows afterwards (``featurize_loader`` splits
-its loader the same way and gathers the feature rows); with no process group, or a group of one,
-none of this runs.
+its loader the same way and gathers the feature rows). With no process group, or a group of one,
+:func:`sharding_of` gives a :class:`LocalSharding` instead: the same interface, doing nothing, so
+the estimators run one code path either way.
 
 Batch ownership: every rank iterates the same train loader and featurises only the batches
 ``i`` with ``i % world_size == rank``, skipping the others without featurising them (loading a
@@ -26,9 +27,10 @@ timeout (``init_process_group(timeout=...)``), which must also cover the slowest
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from itertools import islice
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -63,8 +65,8 @@ class Sharding:
             rows, in its loader order).
         name: what the sharded loader is called in error messages (``"train_loader"``).
 
-    ``counts`` lists the rows of each batch this rank featurised in the latest pass over its loader;
-    the train stream (or ``featurize_loader``) sets it and the gathers read it.
+    The gathers take ``counts``: the rows of each batch this rank featurised in its latest pass over
+    its loader, which places every rank's rows in the loader's order.
     """
 
     def __init__(
@@ -78,16 +80,20 @@ class Sharding:
     ):
         self.rank, self.world, self.device, self.comm, self.to = rank, world, device, comm, to
         self.name = name
-        self.counts: list[int] = []
 
     @property
-    def identity(self) -> dict[str, int]:
+    def store_identity(self) -> dict[str, Any]:
         """What a rank's stored features depend on beyond one process's identity."""
-        return {"rank": self.rank, "world_size": self.world}
+        return {"shard": {"rank": self.rank, "world_size": self.world}}
 
-    @property
-    def folder(self) -> str:
-        return f"rank{self.rank}-of{self.world}"
+    def store_folder(self, folder: Path) -> Path:
+        """One store folder per rank, each written and resumed by its rank alone."""
+        return folder / f"rank{self.rank}-of{self.world}"
+
+    def require_receiver(self, what: str) -> None:
+        """Refuse ``gather_to=None`` for a result that only exists merged over the ranks."""
+        if self.to is None:
+            raise ValueError(f"{what} needs gather_to to be a rank or 'all'")
 
     def owned(self, loader: Iterable[Any]) -> Iterable[Any]:
         """The batches ``i`` of ``loader`` with ``i % world == rank``."""
@@ -111,15 +117,17 @@ class Sharding:
         dist.all_reduce(count)
         return int(count.item())
 
-    def gather(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def gather(
+        self, rows: dict[str, torch.Tensor], counts: Sequence[int]
+    ) -> dict[str, torch.Tensor] | None:
         """Every rank's output rows, in the train loader's order.
 
         ``rows`` maps a name to this rank's rows ``(n_rank, ...)`` (the rows of its batches, in
-        order; a rank that owns no batch may pass ``{}``). Returns ``(N_train, ...)`` per name on the
-        receiving rank(s), ``None`` elsewhere; with ``to=None`` every rank gets its own rows back
-        (names it lacked come back with zero rows).
+        order; a rank that owns no batch may pass ``{}``); ``counts`` the rows of each of its batches.
+        Returns ``(N_train, ...)`` per name on the receiving rank(s), ``None`` elsewhere; with
+        ``to=None`` every rank gets its own rows back (names it lacked come back with zero rows).
         """
-        _, shapes, ids = self._share(rows)
+        _, shapes, ids = self._share(rows, counts)
         local = {key: self._local(rows, key, shapes) for key in shapes}
         if self.to is None:
             return local
@@ -138,18 +146,20 @@ class Sharding:
             out[key] = full.to(self.device)
         return out or None
 
-    def merge_top(self, top: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor] | None:
+    def merge_top(
+        self, top: dict[str, torch.Tensor], k: int, counts: Sequence[int]
+    ) -> dict[str, torch.Tensor] | None:
         """The ``k`` best train rows per query over all ranks, from each rank's own best.
 
         ``top`` holds, for ``side`` in ``most``, ``least``: ``{side}_indices (N_query, c)`` (rows of
         this rank, local), ``{side}_tracin (N_query, c)`` and ``{side}_sdi (N_query, c, steps)``
         with ``c = min(k, rows of this rank)``. The global top ``k`` is among the union of every
-        rank's top ``k``. Returns the same names with ``c = k`` and train-loader row indices,
+        rank's top ``k``; ``counts`` as in :meth:`gather`. Returns the same names with ``c = k`` and train-loader row indices,
         ordered as ``torch.topk`` orders them (ties may come in another order than in one process);
         ``None`` on ranks that receive nothing. ``k`` must not exceed the train rows.
         """
         candidates = {key: value.transpose(0, 1) for key, value in top.items()}  # (c, N_query, ...)
-        meta, shapes, ids = self._share(candidates)
+        meta, shapes, ids = self._share(candidates, counts)
         mine = ids[self.rank].to(self.device)  # local row -> train-loader row
         for side in ("most", "least"):
             candidates[f"{side}_indices"] = mine[candidates[f"{side}_indices"]]
@@ -172,7 +182,7 @@ class Sharding:
             out[f"{side}_sdi"] = out[f"{side}_sdi"].transpose(0, 1)
         return {key: value.to(self.device) for key, value in out.items()}
 
-    def _share(self, rows: dict[str, torch.Tensor]):
+    def _share(self, rows: dict[str, torch.Tensor], counts: Sequence[int]):
         """Exchange row counts and shapes (raising if any rank failed); place every rank's rows.
 
         Returns every rank's metadata, ``{name: (shape of one row, dtype)}`` over all ranks (sorted
@@ -184,7 +194,7 @@ class Sharding:
             raise ValueError(f"rows of one rank differ in number: {sorted(sizes)}")
         meta = self._all_gather_object(
             {
-                "counts": list(self.counts),
+                "counts": list(counts),
                 "rows": sizes.pop() if sizes else 0,
                 "shapes": {key: (tuple(v.shape[1:]), v.dtype) for key, v in rows.items()},
             }
@@ -217,8 +227,7 @@ class Sharding:
             n = counts[b % self.world][b // self.world]
             ids[b % self.world].append(torch.arange(start, start + n))
             start += n
-        if start == 0:
-            raise ValueError(f"{self.name} yielded no batches")
+        _require_rows(start, self.name)
         return [torch.cat(i) if i else torch.zeros(0, dtype=torch.int64) for i in ids]
 
     def _local(self, rows: dict[str, torch.Tensor], key: str, shapes) -> torch.Tensor:
@@ -250,17 +259,66 @@ class Sharding:
         return everyone
 
 
+class LocalSharding:
+    """A process that runs alone: the interface of :class:`Sharding`, doing nothing.
+
+    It owns every batch, has no other rank to tell of a failure, and its "gathered" results are its
+    own (``gather_to`` is ignored), checked only for not being empty.
+    """
+
+    rank, world = 0, 1
+    store_identity: dict[str, Any] = {}  # one process's stores carry no shard entry
+
+    def __init__(self, name: str = "train_loader"):
+        self.name = name
+
+    def store_folder(self, folder: Path) -> Path:
+        return folder
+
+    def require_receiver(self, what: str) -> None:
+        """Nothing to refuse: one process receives its own results whatever ``gather_to`` says."""
+
+    def owned(self, loader: Iterable[Any]) -> Iterable[Any]:
+        return loader
+
+    def reporting(self, items: Iterable[Any]) -> Iterable[Any]:
+        return items
+
+    def fail(self, error: BaseException) -> None:
+        """Nothing to do: no other rank waits for this one."""
+
+    def total(self, n: int) -> int:
+        return n
+
+    def gather(
+        self, rows: dict[str, torch.Tensor], counts: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        _require_rows(sum(counts), self.name)
+        return rows
+
+    def merge_top(
+        self, top: dict[str, torch.Tensor], k: int, counts: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        _require_rows(sum(counts), self.name)
+        return top
+
+
+def _require_rows(n_rows: int, name: str) -> None:
+    if n_rows == 0:
+        raise ValueError(f"{name} yielded no batches")
+
+
 def sharding_of(
     loader: Iterable[Any], device: torch.device, to: GatherTo, name: str = "train_loader"
-) -> Sharding | None:
-    """The :class:`Sharding` of one call, or ``None`` when the process runs alone.
+) -> Sharding | LocalSharding:
+    """The :class:`Sharding` of one call, or a :class:`LocalSharding` when the process runs alone.
 
     ``loader`` is the loader to split (the train loader; ``featurize_loader``'s loader), ``device``
     the features' device, ``to`` who receives results (``gather_to`` of the estimators), ``name``
     the loader's name in error messages.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
+        return LocalSharding(name)
     rank, world = dist.get_rank(), dist.get_world_size()
     if isinstance(getattr(loader, "sampler", None), DistributedSampler):
         raise ValueError(

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
-from sdi import CheckpointSpec, ProjectedTracInSDI
+from sdi import CheckpointSpec, ProjectedTracInSDI, distributed
 from sdi.toy import next_token_loss, random_token_batches
 
 WORLD = 2
@@ -267,3 +267,36 @@ def test_a_failing_rank_fails_every_rank_without_hanging(checkpoints, tmp_path, 
     err0 = (tmp_path / "rank0.err").read_text()
     # Rank 0 learnt why from rank 1 itself, instead of timing out on a silent peer.
     assert "RankFailed: rank 1 failed: ValueError: boom on rank 1" in err0, err0
+
+
+def _public(cls) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_one_process_gets_a_local_sharding_with_the_distributed_interface():
+    assert not dist.is_initialized()
+    sharding = distributed.sharding_of([1, 2], torch.device("cpu"), to=None)
+    assert isinstance(sharding, distributed.LocalSharding)
+    missing = _public(distributed.Sharding) - _public(distributed.LocalSharding) - {"comm", "to"}
+    assert not missing, missing
+    loader = [{"x": 1}, {"x": 2}]
+    assert list(sharding.owned(loader)) == loader  # every batch is this process's
+    assert sharding.total(5) == 5
+    sharding.require_receiver("top_influences")  # gather_to=None is fine alone
+    sharding.fail(ValueError("nobody waits"))
+    assert sharding.store_identity == {} and sharding.store_folder(Path("s")) == Path("s")
+    rows = {"tracin": torch.ones(3, 2)}
+    assert sharding.gather(rows, counts=[2, 1]) is rows
+    assert sharding.merge_top(rows, 1, counts=[3]) is rows
+
+
+@pytest.mark.parametrize("what", ["gather", "merge_top"])
+def test_local_sharding_refuses_a_loader_without_rows(what):
+    sharding = distributed.sharding_of([], torch.device("cpu"), to=0, name="train_loader")
+    call = (
+        (lambda: sharding.gather({}, []))
+        if what == "gather"
+        else lambda: sharding.merge_top({}, 1, [0])
+    )
+    with pytest.raises(ValueError, match="^train_loader yielded no batches$"):
+        call()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from conftest import save_checkpoint
 
-from sdi import FullGradientTracInSDI, ProjectedTracInSDI
+from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.checkpoints import (
     default_eta_from_checkpoint,
     default_load_checkpoint,
     default_load_model_state_dict,
 )
+from sdi.toy import next_token_loss
 
 NO_DEFAULT = inspect.Parameter.empty
 
@@ -86,3 +88,53 @@ def test_constructor_signatures_are_pinned(cls):
 def test_close_and_model_are_public():
     assert list(inspect.signature(ProjectedTracInSDI.close).parameters) == ["self"]
     assert isinstance(inspect.getattr_static(ProjectedTracInSDI, "model"), property)
+
+
+def _influence(est, path, train, query, **kw):
+    checkpoints = kw.pop("checkpoints", [CheckpointSpec(path)])
+    return est.influence_across_checkpoints(
+        checkpoints=checkpoints,
+        train_loader=train,
+        query_loader=query,
+        loss_fn=next_token_loss,
+        **kw,
+    )
+
+
+def _top(est, path, train, query, k=1):
+    return est.top_influences(
+        k=k,
+        checkpoints=[CheckpointSpec(path)],
+        train_loader=train,
+        query_loader=query,
+        loss_fn=next_token_loss,
+    )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda est, p, tr, q: _influence(est, p, [], q), "train_loader yielded no batches"),
+        (lambda est, p, tr, q: _influence(est, p, tr, []), "query_loader yielded no batches"),
+        (lambda est, p, tr, q: _top(est, p, [], q), "train_loader yielded no batches"),
+        (
+            lambda est, p, tr, q: est.featurize_loader(loader=[], loss_fn=next_token_loss),
+            "loader yielded no batches",
+        ),
+        (lambda est, p, tr, q: _influence(est, p, tr, q, checkpoints=[]), "no checkpoints given"),
+        (lambda est, p, tr, q: _influence(est, p, tr, q, max_query_bytes=0), "max_query_bytes"),
+        (lambda est, p, tr, q: _top(est, p, tr, q, k=0), "k must be positive, got 0"),
+        (
+            lambda est, p, tr, q: _influence(est, p, tr, q, with_standard_errors=True),
+            "with_standard_errors=True is for sketched estimates",
+        ),
+    ],
+    ids=["train", "query", "top", "featurize", "checkpoints", "bytes", "k", "exact-se"],
+)
+def test_empty_inputs_and_bad_options_are_named(
+    tmp_path, model, train_batches, query_batches, call, message
+):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = FullGradientTracInSDI(model=model, target_modules=model.core)
+    with pytest.raises(ValueError, match=message):
+        call(est, path, train_batches, query_batches)

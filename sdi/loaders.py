@@ -1,0 +1,97 @@
+"""Featurisation of a loader: per batch, as the query set's chunks, or whole (``featurize_loader``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from . import distributed
+from .featurize import Featurizer, LossFn
+from .outputs import FeatureSet
+
+
+def warn_if_shuffled(loader: Iterable[Any], name: str, stacklevel: int) -> None:
+    """Warn that a reshuffling loader gives another example order on every pass."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(loader, DataLoader) and (
+        isinstance(sampler, RandomSampler) or getattr(sampler, "shuffle", False)
+    ):
+        warnings.warn(
+            f"{name} reshuffles on every pass ({type(sampler).__name__}). sdi iterates it once per "
+            "checkpoint (and once per query chunk), so output row i is not the same example across "
+            "checkpoints and the summed scores mix examples. Build the loader with shuffle=False.",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def batch_features(
+    featurizer: Featurizer,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    per_step: bool,
+    after_batch: Callable[[], Any] | None = None,
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(features, steps)`` per batch: ``(b, steps, D)`` if ``per_step`` else ``(b, D)``.
+
+    ``after_batch`` is called once a batch's features have been taken (a progress bar's update).
+    """
+    for batch in loader:
+        yield featurizer.compute_batch(batch, loss_fn, sum_steps=not per_step)
+        if after_batch is not None:
+            after_batch()
+
+
+def query_chunks(
+    featurizer: Featurizer,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    per_step: bool,
+    max_bytes: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(column offset, features)``: the query set in chunks of about ``max_bytes`` or less."""
+    parts: list[torch.Tensor] = []
+    offset, held, steps = 0, 0, set()
+    for feats, s in batch_features(featurizer, loader, loss_fn, per_step=per_step):
+        steps.add(s)
+        if per_step and len(steps) > 1:
+            raise ValueError(f"query batches have different step counts: {sorted(steps)}")
+        parts.append(feats)
+        held += feats.numel() * feats.element_size()
+        if held >= max_bytes:
+            chunk = torch.cat(parts)
+            parts, held = [], 0
+            yield offset, chunk
+            offset += chunk.shape[0]
+    if parts:
+        yield offset, torch.cat(parts)
+    elif offset == 0:
+        raise ValueError("query_loader yielded no batches")
+
+
+def featurize_loader(
+    featurizer: Featurizer, loader: Iterable[Any], loss_fn: LossFn, gather_to: distributed.GatherTo
+) -> FeatureSet | None:
+    """Per-step features of every example in ``loader``, in loader order; see
+    :meth:`sdi.estimators.ProjectedTracInSDI.featurize_loader` for ``gather_to``."""
+    sharding = distributed.sharding_of(loader, featurizer.device, gather_to, name="loader")
+    try:
+        owned = sharding.owned(loader)
+        parts = [feats for feats, _ in batch_features(featurizer, owned, loss_fn, per_step=True)]
+        steps = {p.shape[1] for p in parts}
+        if len(steps) > 1:
+            raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
+    except Exception as err:
+        sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
+        raise
+    rows = sharding.gather(
+        {"phi": torch.cat(parts)} if parts else {}, counts=[p.shape[0] for p in parts]
+    )
+    if rows is None:
+        return None
+    return featurizer.feature_set(rows["phi"], rows["phi"].shape[1])

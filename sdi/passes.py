@@ -1,0 +1,122 @@
+"""The checkpoint loop: per checkpoint, load it, then pair every query chunk with every train batch.
+
+Per checkpoint the query set is featurised once (in chunks of at most ``max_query_bytes``), then the
+train set is streamed batch by batch (:class:`sdi.train_stream.TrainStream`) once per query chunk;
+the consumer contracts each :class:`Pair` and drops it, so memory beyond the model is the query
+features and the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import LocalSharding, Sharding
+from .featurize import Featurizer
+from .loaders import query_chunks, warn_if_shuffled
+from .options import RunOptions
+from .store import checkpoint_store
+from .train_stream import TrainStream
+
+
+class Pair(NamedTuple):
+    """One (query chunk, train batch) pair of a pass."""
+
+    query_offset: int  # the chunk's first query column
+    query: torch.Tensor  # (n_q, steps_q, D), or (n_q, D) summed over steps
+    train_offset: int  # the batch's first train row (of this rank's rows when sharded)
+    train: torch.Tensor  # (b, steps_tr, D), or (b, D) summed over steps
+    train_steps: int
+
+
+@dataclass(frozen=True)
+class CheckpointPass:
+    """One checkpoint's pass: its weight ``eta_k``, its pairs, and the train stream behind them
+    (whose ``counts`` are complete once ``pairs`` is exhausted)."""
+
+    weight: float
+    pairs: Iterator[Pair]
+    train: TrainStream
+
+
+def checkpoint_passes(
+    featurizer: Featurizer,
+    options: RunOptions,
+    sharding: Sharding | LocalSharding,
+    *,
+    per_step_train: bool,
+    per_step_query: bool,
+    estimator: dict[str, Any],
+) -> Iterator[CheckpointPass]:
+    """Per checkpoint of ``options``: load it into the model (eval mode), then yield its pass.
+
+    ``per_step_*`` keep the per-step features of that side (else summed over steps);
+    ``estimator`` is the estimator's part of a feature store's identity (:mod:`sdi.store`).
+    Sharded, the pairs hold only this rank's train batches, and an error raised here or while
+    producing the pairs is reported to the other ranks before it propagates. The model's
+    train/eval mode is restored at the end.
+    """
+    # stacklevel 4: above this generator, the influence stage and the estimator's method: the user.
+    warn_if_shuffled(options.train_loader, "train_loader", stacklevel=4)
+    warn_if_shuffled(options.query_loader, "query_loader", stacklevel=4)
+    model = featurizer.model
+    was_training = model.training
+    try:
+        for spec in tqdm(
+            options.checkpoints,
+            desc=str(options.progress_desc),
+            disable=not options.progress,
+            dynamic_ncols=True,
+        ):
+            checkpoint = options.load_checkpoint_fn(spec.path)
+            weight = (
+                float(spec.weight)
+                if spec.weight is not None
+                else float(options.eta_from_checkpoint_fn(checkpoint))
+            )
+            options.load_model_state_dict_fn(model, checkpoint)
+            del checkpoint
+            model.eval()
+            store = None
+            if options.train_store is not None:
+                store = checkpoint_store(
+                    options.train_store,
+                    spec.path,
+                    estimator=estimator,
+                    blocks=featurizer.blocks,
+                    per_step=per_step_train,
+                    sharding=sharding,
+                )
+            with tqdm(
+                desc="train batches", unit="batch", leave=False, disable=not options.progress
+            ) as bar:
+                train = TrainStream(
+                    featurizer,
+                    sharding.owned(options.train_loader),
+                    options.loss_fn,
+                    per_step=per_step_train,
+                    store=store,
+                    after_batch=lambda: bar.update(1),
+                )
+                chunks = query_chunks(
+                    featurizer,
+                    options.query_loader,
+                    options.loss_fn,
+                    per_step=per_step_query,
+                    max_bytes=options.max_query_bytes,
+                )
+                pairs = (
+                    Pair(j0, query, r0, feats, steps)
+                    for j0, query in chunks
+                    for r0, feats, steps in train
+                )
+                yield CheckpointPass(weight, sharding.reporting(pairs), train)
+    except Exception as err:
+        sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
+        raise
+    finally:
+        model.train(was_training)
