@@ -110,25 +110,7 @@ class _Estimator:
                 checkpoints' errors are correlated and this is an upper bound (exact for one).
         The chunk sizes bound the temporaries of one contraction.
         """
-        options = RunOptions(
-            checkpoints=checkpoints,
-            train_loader=train_loader,
-            query_loader=query_loader,
-            loss_fn=loss_fn,
-            mode=mode,
-            with_step_matrix=with_step_matrix,
-            train_chunk_size=train_chunk_size,
-            query_chunk_size=query_chunk_size,
-            load_checkpoint_fn=load_checkpoint_fn,
-            load_model_state_dict_fn=load_model_state_dict_fn,
-            eta_from_checkpoint_fn=eta_from_checkpoint_fn,
-            progress=progress,
-            progress_desc=progress_desc,
-            max_query_bytes=max_query_bytes,
-            train_store=train_store,
-            gather_to=gather_to,
-            with_standard_errors=with_standard_errors,
-        )
+        options = _options(locals())  # first: locals() are the call's arguments alone
         return influence.influence_across_checkpoints(
             self._featurizer, options, estimator=self._identity
         )
@@ -161,21 +143,14 @@ class _Estimator:
         are merged on ``gather_to`` (a rank or ``"all"``; the others get ``None``). Other arguments
         as in :meth:`influence_across_checkpoints`.
         """
-        options = RunOptions(
-            checkpoints=checkpoints,
-            train_loader=train_loader,
-            query_loader=query_loader,
-            loss_fn=loss_fn,
-            load_checkpoint_fn=load_checkpoint_fn,
-            load_model_state_dict_fn=load_model_state_dict_fn,
-            eta_from_checkpoint_fn=eta_from_checkpoint_fn,
-            progress=progress,
-            progress_desc=progress_desc,
-            max_query_bytes=max_query_bytes,
-            train_store=train_store,
-            gather_to=gather_to,
-        )
+        options = _options(locals(), skip="k")  # first: locals() are the arguments alone
         return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+
+
+def _options(arguments: dict[str, Any], skip: str | None = None) -> RunOptions:
+    """The :class:`RunOptions` of a public method's keyword arguments (its ``locals()`` on entry,
+    less ``self`` and ``skip``): the signature spells the keywords out, this passes them on."""
+    return RunOptions(**{k: v for k, v in arguments.items() if k not in ("self", skip)})
 
 
 class ProjectedTracInSDI(_Estimator):

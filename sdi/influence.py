@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from . import distributed, uncertainty
-from .chunking import spans
+from .chunking import tiles
 from .featurize import Featurizer
 from .options import RunOptions
 from .outputs import InfluenceOutputs
@@ -38,10 +38,9 @@ def query_sdi(
     """``train_sum (n, D)``, ``query (N_q, S_q, D)`` -> ``(n, N_q, S_q)``."""
     n, (nq, sq, _) = train_sum.shape[0], query.shape
     out = torch.empty(n, nq, sq, dtype=torch.float32, device=query.device)
-    for i0, i1 in spans(n, train_chunk):
-        for j0, j1 in spans(nq, query_chunk):
-            q = query[j0:j1].reshape(-1, query.shape[-1])
-            out[i0:i1, j0:j1] = (train_sum[i0:i1] @ q.T).view(i1 - i0, j1 - j0, sq)
+    for i, j in tiles(n, nq, train_chunk, query_chunk):
+        q = query[j].reshape(-1, query.shape[-1])
+        out[i, j] = (train_sum[i] @ q.T).view(i.stop - i.start, j.stop - j.start, sq)
     return out
 
 
@@ -55,9 +54,8 @@ def tracin(
     out = torch.empty(
         train_sum.shape[0], query_sum.shape[0], dtype=torch.float32, device=query_sum.device
     )
-    for i0, i1 in spans(train_sum.shape[0], train_chunk):
-        for j0, j1 in spans(query_sum.shape[0], query_chunk):
-            out[i0:i1, j0:j1] = train_sum[i0:i1] @ query_sum[j0:j1].T
+    for i, j in tiles(train_sum.shape[0], query_sum.shape[0], train_chunk, query_chunk):
+        out[i, j] = train_sum[i] @ query_sum[j].T
     return out
 
 
@@ -70,10 +68,9 @@ def step_matrix(
     """``train (n, S_tr, D)``, ``query (N_q, S_q, D)`` -> ``(n, N_q, S_tr, S_q)``."""
     (n, st, d), (nq, sq, _) = train.shape, query.shape
     out = torch.empty(n, nq, st, sq, dtype=torch.float32, device=query.device)
-    for i0, i1 in spans(n, train_chunk):
-        for j0, j1 in spans(nq, query_chunk):
-            prod = train[i0:i1].reshape(-1, d) @ query[j0:j1].reshape(-1, d).T
-            out[i0:i1, j0:j1] = prod.view(i1 - i0, st, j1 - j0, sq).permute(0, 2, 1, 3)
+    for i, j in tiles(n, nq, train_chunk, query_chunk):
+        prod = train[i].reshape(-1, d) @ query[j].reshape(-1, d).T
+        out[i, j] = prod.view(i.stop - i.start, st, j.stop - j.start, sq).permute(0, 2, 1, 3)
     return out
 
 

@@ -63,7 +63,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .chunking import spans
+from .chunking import tiles
 
 
 class _Spectra:
@@ -153,13 +153,12 @@ class SketchErrors:
         n, nq = train.sq.shape[0], query.sq.shape[0]
         F = self.freqs
         out = torch.empty(n, nq, dtype=torch.float32, device=train.sq.device)
-        for i0, i1 in spans(n, train_chunk):
-            for j0, j1 in spans(nq, query_chunk):
-                sum_sq = train.sq[i0:i1] @ query.sq[j0:j1].T
-                sums = torch.bmm(train.lin[:, i0:i1], query.lin[:, j0:j1].transpose(1, 2))
-                spread = sum_sq - sums.square().sum(dim=0) / F
-                # A sample variance is never negative; rounding can make a tiny one so.
-                out[i0:i1, j0:j1] = spread.clamp_(min=0).mul_(2.0 / (self.m * (F - 1)))
+        for i, j in tiles(n, nq, train_chunk, query_chunk):
+            sum_sq = train.sq[i] @ query.sq[j].T
+            sums = torch.bmm(train.lin[:, i], query.lin[:, j].transpose(1, 2))
+            spread = sum_sq - sums.square().sum(dim=0) / F
+            # A sample variance is never negative; rounding can make a tiny one so.
+            out[i, j] = spread.clamp_(min=0).mul_(2.0 / (self.m * (F - 1)))
         return out
 
 
