@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
+from sdi.sketch import sketch_matrix_explicit
 from sdi.toy import LoopedTransformer, next_token_loss, random_token_batches
 
 VOCAB, SEQ = 19, 7
@@ -98,3 +100,55 @@ class _Bound(torch.nn.Module):
 
     def forward(self, tokens):
         return functional_call(self.inner, self.params, (tokens,), strict=False)
+
+
+# Shared by the estimator-level tests of several modules.
+
+
+def run_influence(est, path, train, query, **kw):
+    """``influence_across_checkpoints`` of one checkpoint file (its weight read from the file: 1.0
+    unless it stores a learning rate) or of a list of specs; ``loss_fn`` is next-token loss unless
+    given."""
+    return est.influence_across_checkpoints(
+        checkpoints=[CheckpointSpec(path)] if isinstance(path, str) else path,
+        train_loader=train,
+        query_loader=query,
+        loss_fn=kw.pop("loss_fn", next_token_loss),
+        **kw,
+    )
+
+
+def sketched(model, **kw):
+    """The projected estimator of ``model.core`` that the streaming and store tests use."""
+    return ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=48, seed=5, **kw
+    )
+
+
+def two_checkpoints(tmp_path, weight_a: float, weight_b: float):
+    """Two tiny models (seeds 1, 2), saved as ``a.pt`` and ``b.pt``, and their specs."""
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    specs = [
+        CheckpointSpec(save_checkpoint(tmp_path / "a.pt", a), weight_a),
+        CheckpointSpec(save_checkpoint(tmp_path / "b.pt", b), weight_b),
+    ]
+    return a, b, specs
+
+
+ESTIMATORS = [
+    pytest.param(lambda **kw: ProjectedTracInSDI(projection_size=64, seed=1, **kw), id="projected"),
+    pytest.param(lambda **kw: FullGradientTracInSDI(**kw), id="exact"),
+]
+
+
+def linear_inputs(d_out, d_in, B, T, seed, dtype=torch.float32):
+    """Random activations ``(B, T, d_in)`` and grad-outputs ``(B, T, d_out)`` of one Linear use."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, T, d_in, generator=gen).to(dtype)
+    g = torch.randn(B, T, d_out, generator=gen).to(dtype)
+    return a, g
+
+
+def explicit_linear_sketch(a, g, table):
+    """The sketch of the explicit gradient ``G^T A`` of one Linear use (DESIGN §2, identity 1)."""
+    return sketch_matrix_explicit(torch.einsum("bto,bti->boi", g.float(), a.float()), table)

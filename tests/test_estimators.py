@@ -1,11 +1,13 @@
-"""The estimators' public contract: method signatures (drop-in with 0.1.1 plus today's keywords)."""
+"""The estimators' public contract: method signatures (drop-in with 0.1.1 plus today's keywords),
+bad arguments and empty inputs named in the error."""
 
 from __future__ import annotations
 
 import inspect
 
 import pytest
-from conftest import save_checkpoint
+import torch.nn as nn
+from conftest import run_influence, save_checkpoint
 
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.checkpoints import (
@@ -138,3 +140,22 @@ def test_empty_inputs_and_bad_options_are_named(
     est = FullGradientTracInSDI(model=model, target_modules=model.core)
     with pytest.raises(ValueError, match=message):
         call(est, path, train_batches, query_batches)
+
+
+def test_bad_arguments(tmp_path, model, train_batches, query_batches):
+    with pytest.raises(ValueError, match="loss_reduction"):
+        ProjectedTracInSDI(model=model, target_modules=model.core, loss_reduction="avg")
+    with pytest.raises(ValueError, match="projection_size"):
+        ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ProjectedTracInSDI(model=model, target_modules=nn.ReLU())
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=16)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    with pytest.raises(ValueError, match="mode"):
+        run_influence(est, path, train_batches, query_batches, mode="exact")
+    with pytest.raises(ValueError, match="with_step_matrix"):
+        run_influence(est, path, train_batches, query_batches, mode="tracin", with_step_matrix=True)
+    with pytest.raises(ValueError, match="per-example losses"):
+        est.featurize_loader(
+            loader=train_batches, loss_fn=lambda m, b: next_token_loss(m, b)[:, None]
+        )

@@ -1,13 +1,16 @@
-"""The checkpoint loop: one pass per checkpoint, every query chunk paired with every train batch."""
+"""The checkpoint loop (sdi.passes): one pass per checkpoint, every query chunk paired with every
+train batch, and memory that does not grow with the train set beyond the output."""
 
 from __future__ import annotations
 
-import torch
-from conftest import save_checkpoint, tiny_model
+import gc
+import warnings
 
-from sdi import ProjectedTracInSDI
+import torch
+from conftest import save_checkpoint, sketched, tiny_model
+
+from sdi import CheckpointSpec, ProjectedTracInSDI
 from sdi.checkpoints import (
-    CheckpointSpec,
     default_eta_from_checkpoint,
     default_load_checkpoint,
     default_load_model_state_dict,
@@ -15,7 +18,7 @@ from sdi.checkpoints import (
 from sdi.distributed import LocalSharding
 from sdi.options import RunOptions
 from sdi.passes import Pair, checkpoint_passes
-from sdi.toy import next_token_loss
+from sdi.toy import next_token_loss, random_token_batches
 
 
 def test_pairs_cover_every_query_chunk_and_train_batch(tmp_path, train_batches, query_batches):
@@ -60,3 +63,40 @@ def test_pairs_cover_every_query_chunk_and_train_batch(tmp_path, train_batches, 
     want = dict(tiny_model(seed=4).named_parameters())
     for name, p in model.named_parameters():  # the last checkpoint is loaded
         torch.testing.assert_close(p, want[name])
+
+
+def _peak_live_tensor_bytes(est, path, train, query):
+    """Most bytes of live torch tensors seen at any featurised batch of a streaming run."""
+    peak = [0]
+
+    def loss_fn(model, batch):
+        gc.collect()
+        with warnings.catch_warnings():  # touching deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            live = sum(
+                o.numel() * o.element_size()
+                for o in gc.get_objects()
+                if isinstance(o, torch.Tensor)
+            )
+        peak[0] = max(peak[0], live)
+        return next_token_loss(model, batch)
+
+    out = est.influence_across_checkpoints(
+        checkpoints=[CheckpointSpec(path)], train_loader=train, query_loader=query, loss_fn=loss_fn
+    )
+    return peak[0], out.sdi.numel() * 4
+
+
+def test_memory_does_not_grow_with_train_set_beyond_the_output(tmp_path, model):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    query = random_token_batches(3, 3, 7, 19, seed=2)
+    est = sketched(model)
+    small, small_out = _peak_live_tensor_bytes(
+        est, path, random_token_batches(8, 4, 7, 19, seed=1), query
+    )
+    large, large_out = _peak_live_tensor_bytes(
+        est, path, random_token_batches(32, 4, 7, 19, seed=1), query
+    )
+    # The reference design would keep every train feature: 24 more examples x steps x params x m.
+    per_example = 3 * len(list(model.core.parameters())) * 48 * 4
+    assert large - small <= (large_out - small_out) + per_example, (small, large, per_example)

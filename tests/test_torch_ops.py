@@ -1,9 +1,11 @@
-"""Identity 1 and 2 of DESIGN §2: every fast sketch path equals the sketch of the explicit matrix."""
+"""The plain-torch kernels (sdi.kernels.torch_ops), identities 1 and 2 of DESIGN §2: every fast
+sketch path (FFT, shift, materialised gradient) equals the sketch of the explicit matrix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import explicit_linear_sketch, linear_inputs
 
 from sdi.kernels import torch_ops
 from sdi.sketch import draw_count_sketch, draw_tensor_sketch, sketch_matrix_explicit
@@ -32,17 +34,6 @@ def test_linear_fft_path_equals_explicit_gradient(d_out, d_in, m, B, T):
     got = torch_ops.tensor_sketch_linear(a, g, table)
     torch.testing.assert_close(got, sketch_matrix_explicit(phi, table), rtol=1e-4, atol=1e-4)
     assert got.dtype == torch.float32 and got.shape == (B, m)
-
-
-def test_explicit_sketch_matches_its_definition_elementwise():
-    table = _tables(4, 3, 5, seed=3)
-    phi = torch.randn(1, 4, 3)
-    want = torch.zeros(5)
-    for i in range(4):
-        for j in range(3):
-            k = (table.out.h[i] + table.inp.h[j]) % 5
-            want[k] += table.out.s[i] * table.inp.s[j] * phi[0, i, j]
-    torch.testing.assert_close(sketch_matrix_explicit(phi, table)[0], want)
 
 
 @pytest.mark.parametrize("V,d,m,B,T", [(23, 7, 32, 3, 5), (50, 11, 16, 2, 9)])
@@ -77,22 +68,52 @@ def test_half_inputs_give_fp32_sketches(dtype):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_same_seed_same_tables_other_seed_other_tables():
-    one, two = _tables(10, 20, 64, seed=7), _tables(10, 20, 64, seed=7)
-    assert torch.equal(one.out.h, two.out.h) and torch.equal(one.inp.s, two.inp.s)
-    assert not torch.equal(one.out.h, _tables(10, 20, 64, seed=8).out.h)
-    assert set(one.out.s.unique().tolist()) == {-1.0, 1.0}
-    assert int(one.inp.h.min()) >= 0 and int(one.inp.h.max()) < 64
+SHAPES = [(13, 7, 32, 3, 5), (5, 37, 64, 2, 1), (33, 9, 17, 1, 4), (129, 65, 1000, 4, 11)]
 
 
-def test_sketch_is_unbiased_inner_product_estimate():
-    """E<TS(x), TS(y)> = <x, y> over the hash draw (mean over many seeds)."""
-    x, y = torch.randn(1, 6, 5), torch.randn(1, 6, 5)
-    est = torch.stack(
-        [
-            (sketch_matrix_explicit(x, t) * sketch_matrix_explicit(y, t)).sum()
-            for t in (_tables(6, 5, 8, s) for s in range(4000))
-        ]
+@pytest.mark.parametrize("d_out,d_in,m,B,T", SHAPES)
+def test_materialised_path_equals_definition_and_fft_path(d_out, d_in, m, B, T):
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh tables and inputs every run
+    table = draw_tensor_sketch(d_out, d_in, m, torch.Generator().manual_seed(seed))
+    a, g = linear_inputs(d_out, d_in, B, T, seed + 1)
+    phi = torch_ops.linear_weight_grads(a, g)
+    assert phi.shape == (B, d_out, d_in)
+    torch.testing.assert_close(phi, torch.einsum("bto,bti->boi", g, a), rtol=1e-5, atol=1e-5)
+    got = torch_ops.sketch_dense(phi, torch_ops.signed_index(table), m)
+    assert got.dtype == torch.float32 and got.shape == (B, m)
+    torch.testing.assert_close(got, explicit_linear_sketch(a, g, table), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        got, torch_ops.tensor_sketch_linear(a, g, table), rtol=1e-4, atol=1e-4
     )
-    exact = (x * y).sum()
-    assert abs(est.mean() - exact) < 4 * est.std() / 4000**0.5
+
+
+@pytest.mark.parametrize("d_out,d_in", [(31, 9), (9, 31)])  # both memory layouts of the result
+def test_weight_grads_overwrite_and_add_in_place(d_out, d_in):
+    a, g = linear_inputs(d_out, d_in, 3, 5, seed=d_out)
+    a2, g2 = linear_inputs(d_out, d_in, 3, 5, seed=d_out + 1)
+    out = torch_ops.linear_weight_grads(a, g)
+    same = torch_ops.linear_weight_grads(a2, g2, out)
+    assert same.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, torch_ops.linear_weight_grads(a2, g2))
+    torch_ops.linear_weight_grads(a, g, out, add=True)
+    want = torch.einsum("bto,bti->boi", g, a) + torch.einsum("bto,bti->boi", g2, a2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # Any layout of phi and index gives the same sketch (only the speed differs).
+    table = draw_tensor_sketch(d_out, d_in, 23, torch.Generator().manual_seed(d_in))
+    index = torch_ops.signed_index(table)
+    for phi in (out, out.contiguous(), out.transpose(1, 2).contiguous().transpose(1, 2)):
+        for idx in (index, index.t().contiguous().t()):
+            torch.testing.assert_close(
+                torch_ops.sketch_dense(phi, idx, 23), sketch_matrix_explicit(out, table)
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_materialised_path_takes_half_inputs(dtype):
+    table = draw_tensor_sketch(11, 6, 40, torch.Generator().manual_seed(3))
+    a, g = linear_inputs(11, 6, 2, 4, seed=4, dtype=dtype)
+    got = torch_ops.sketch_dense(
+        torch_ops.linear_weight_grads(a, g), torch_ops.signed_index(table), 40
+    )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, explicit_linear_sketch(a, g, table), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,100 @@
+"""Contractions and output assembly (sdi.influence): modes, chunking, streaming, standard errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ESTIMATORS, run_influence, save_checkpoint, sketched, two_checkpoints
+
+from sdi import FullGradientTracInSDI
+from sdi.toy import next_token_loss, random_token_batches
+
+
+@pytest.mark.parametrize("make", ESTIMATORS)
+def test_modes_agree(tmp_path, make, model, train_batches, query_batches):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = make(model=model, target_modules=model.core)
+    sdi = run_influence(
+        est,
+        path,
+        train_batches,
+        query_batches,
+        with_step_matrix=True,
+        train_chunk_size=2,
+        query_chunk_size=3,
+    )
+    tracin = run_influence(est, path, train_batches, query_batches, mode="tracin")
+    assert (
+        sdi.sdi.shape == (7, 4, 3) and sdi.sdi_matrix.shape == (7, 4, 3, 3) and tracin.sdi is None
+    )
+    torch.testing.assert_close(tracin.tracin, sdi.sdi.sum(-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sdi.tracin, sdi.sdi.sum(-1))
+    torch.testing.assert_close(sdi.sdi_matrix.sum(2), sdi.sdi, rtol=1e-4, atol=1e-6)
+    plain = run_influence(est, path, train_batches, query_batches)  # no chunking: same numbers
+    torch.testing.assert_close(plain.sdi, sdi.sdi, rtol=1e-5, atol=1e-7)
+
+
+def _dense(est, train, query):
+    """The non-streaming answer: every feature in memory, contracted with einsum."""
+    flat = lambda f: torch.cat(list(f.phi.values()), dim=2)  # noqa: E731
+    tr = flat(est.featurize_loader(loader=train, loss_fn=next_token_loss))
+    q = flat(est.featurize_loader(loader=query, loss_fn=next_token_loss))
+    return torch.einsum("isd,jtd->ijst", tr, q)
+
+
+@pytest.mark.parametrize(
+    "max_query_bytes", [1 << 30, 1]
+)  # one chunk; one train pass per query batch
+def test_streaming_equals_dense(tmp_path, model, train_batches, max_query_bytes):
+    query = random_token_batches(5, 2, 7, 19, seed=3)  # 3 query batches
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = sketched(model)
+    matrix = _dense(est, train_batches, query)
+    kw = dict(max_query_bytes=max_query_bytes)
+    sdi = run_influence(est, path, train_batches, query, with_step_matrix=True, **kw)
+    tracin = run_influence(est, path, train_batches, query, mode="tracin", **kw)
+    torch.testing.assert_close(sdi.sdi_matrix, matrix, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sdi.sdi, matrix.sum(2), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tracin.tracin, matrix.sum((2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_standard_errors_option_matches_the_uncertainty_module(tmp_path, train_batches):
+    from sdi.uncertainty import standard_errors
+
+    a, b, specs = two_checkpoints(tmp_path, 0.5, 2.0)
+    query = random_token_batches(5, 2, 7, 19, seed=3)
+    est = sketched(a)
+    want_sdi, want_tracin = 0, 0
+    for spec, model in zip(specs, (a, b), strict=True):
+        a.load_state_dict(model.state_dict())
+        tr = torch.cat(
+            list(est.featurize_loader(loader=train_batches, loss_fn=next_token_loss).phi.values()),
+            2,
+        )
+        q = torch.cat(
+            list(est.featurize_loader(loader=query, loss_fn=next_token_loss).phi.values()), 2
+        )
+        sdi_se, tracin_se = standard_errors(
+            tr.sum(1), q, [b.columns for b in est._featurizer.blocks], 48
+        )
+        want_sdi, want_tracin = (
+            want_sdi + spec.weight * sdi_se,
+            want_tracin + spec.weight * tracin_se,
+        )
+    common = dict(
+        checkpoints=specs, train_loader=train_batches, query_loader=query, loss_fn=next_token_loss
+    )
+    out = est.influence_across_checkpoints(with_standard_errors=True, max_query_bytes=1, **common)
+    fast = est.influence_across_checkpoints(with_standard_errors=True, mode="tracin", **common)
+    assert out.sdi_se.shape == out.sdi.shape and out.tracin_se.shape == out.tracin.shape
+    torch.testing.assert_close(out.sdi_se, want_sdi, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.tracin_se, want_tracin, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast.tracin_se, want_tracin, rtol=1e-4, atol=1e-7)
+    assert (
+        fast.sdi_se is None
+        and run_influence(est, specs[0].path, train_batches, query).sdi_se is None
+    )
+    with pytest.raises(ValueError, match="sketched"):
+        FullGradientTracInSDI(model=a, target_modules=a.core).influence_across_checkpoints(
+            with_standard_errors=True, **common
+        )
