@@ -26,13 +26,13 @@ test: $(STAMP)
 # Error vs sketch size against the exact baseline, ours and step-decomposed-influence 0.1.1 side by
 # side (0.1.1 runs in its own venv: $SDI_REFERENCE_PYTHON, else bench/.venv-reference is created).
 bench-accuracy: $(STAMP)
-	$(PY) bench/accuracy.py
+	$(PY) bench/accuracy/accuracy.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check sdi tests bench examples
 
 # CPU benchmarks, side by side in one run (bench/README.md): the pytest-benchmark suites
-# bench/test_*.py, then this package against step-decomposed-influence 0.1.1 (its own venv,
+# bench/speed/test_*.py, then this package against step-decomposed-influence 0.1.1 (its own venv,
 # bench/.venv-reference, made on first use) -> bench/results/cpu-latest.md. A shared machine is
 # steadier with `OMP_NUM_THREADS=1 make bench`.
 BENCH_RESULTS := bench/results
@@ -41,9 +41,9 @@ bench: $(STAMP)
 	mkdir -p $(BENCH_RESULTS)
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-only \
 		--benchmark-json=$(BENCH_RESULTS)/cpu-latest-benchmarks.json
-	$(PY) bench/compare_reference.py --torch-spec "$(TORCH_SPEC)" \
+	$(PY) bench/reference/compare_reference.py --torch-spec "$(TORCH_SPEC)" \
 		--json $(BENCH_RESULTS)/cpu-latest-reference.json
-	$(PY) bench/report.py --command "$(BENCH_COMMAND)" --load-before "$(LOAD_BEFORE)" \
+	$(PY) bench/speed/report.py --command "$(BENCH_COMMAND)" --load-before "$(LOAD_BEFORE)" \
 		--benchmarks $(BENCH_RESULTS)/cpu-latest-benchmarks.json \
 		--reference $(BENCH_RESULTS)/cpu-latest-reference.json --out $(BENCH_RESULTS)/cpu-latest.md
 bench: LOAD_BEFORE := $(shell cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)

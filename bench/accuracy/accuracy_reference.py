@@ -1,8 +1,8 @@
 """Run ``step-decomposed-influence`` 0.1.1 on the accuracy workload, inside its own virtualenv.
 
-    <reference venv>/bin/python bench/accuracy_reference.py WORKLOAD.pt RESULT.pt
+    <reference venv>/bin/python bench/accuracy/accuracy_reference.py WORKLOAD.pt RESULT.pt
 
-Started by ``bench/accuracy.py``, never by hand: both packages are imported as ``sdi``, so the
+Started by ``bench/accuracy/accuracy.py``, never by hand: both packages are imported as ``sdi``, so the
 reference runs in a separate interpreter. ``WORKLOAD.pt`` (plain tensors, dicts and numbers) holds
 the model config and the state of every model variant, the train and query tokens, the sketch
 sizes and the seeds. ``RESULT.pt`` gets, per variant, the projected ``sdi`` stacked as
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_toy():

@@ -1,4 +1,4 @@
-"""GPU check and benchmark of the sketch kernels: ``bash bench/gpu.sh [--out FILE]``.
+"""GPU check and benchmark of the sketch kernels: ``bash bench/gpu/gpu.sh [--out FILE]``.
 
 1. Correctness on the device: every Triton kernel against the torch backend, on odd shapes and on
    every timed case; prints the max relative error (max |diff| / max |ref|). Any error above
@@ -32,7 +32,7 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -50,7 +50,9 @@ try:
     from sdi.sketch import draw_count_sketch, draw_tensor_sketch  # noqa: E402
     from sdi.toy import LoopedTransformer, next_token_loss  # noqa: E402
 except ImportError as err:
-    sys.exit(f"cannot import sdi ({err}); on a machine without its dependencies see bench/gpu.sh")
+    sys.exit(
+        f"cannot import sdi ({err}); on a machine without its dependencies see bench/gpu/gpu.sh"
+    )
 
 TOL = 1e-3
 E2E_TOL = 2e-2
@@ -371,7 +373,7 @@ def main() -> int:
         args.out = (
             Path(tempfile.gettempdir()) / "sdi-gpu-smoke.md"
             if SMOKE
-            else here / "results" / "gpu-latest.md"
+            else here.parent / "results" / "gpu-latest.md"
         )
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke to check the script on the CPU")

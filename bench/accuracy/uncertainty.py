@@ -1,8 +1,8 @@
 """Validate the per-score standard errors of :mod:`sdi.uncertainty` over many hash seeds.
 
-    python bench/uncertainty.py [--seeds 30] [--out bench/results]
+    python bench/accuracy/uncertainty.py [--seeds 30] [--out bench/results]
 
-On the accuracy workload (``bench/accuracy.py``: a small looped transformer at init and after
+On the accuracy workload (``bench/accuracy/accuracy.py``: a small looped transformer at init and after
 training on a copy task), for several sketch sizes m and ``--seeds`` hash seeds, it featurises the
 train and query sets with ``ProjectedTracInSDI.featurize_loader``, contracts projected SDI and
 TracIn, and estimates each score's standard error with :func:`sdi.uncertainty.standard_errors`

@@ -1,6 +1,6 @@
 """Memory vs the training-set size (pytest-benchmark; ``make bench``).
 
-Runs ``bench/memory.py --child N`` -- streaming ``influence_across_checkpoints(mode="sdi")`` over N
+Runs ``bench/speed/memory.py --child N`` -- streaming ``influence_across_checkpoints(mode="sdi")`` over N
 train examples of a toy looped transformer, in a fresh process -- for the smallest and largest
 N_train of ``memory.SIZES``, times it, and keeps in ``extra_info`` what that process measured: the
 growth of the heap bytes in use and of peak RSS over its footprint before the call, the output

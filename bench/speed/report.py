@@ -1,6 +1,6 @@
 """Write ``bench/results/cpu-latest.md`` from one ``make bench`` run.
 
-Reads the pytest-benchmark JSON of ``bench/test_*.py`` and the JSON of ``bench/compare_reference.py``
+Reads the pytest-benchmark JSON of ``bench/test_*.py`` and the JSON of ``bench/reference/compare_reference.py``
 and writes a markdown page: the machine (CPU model, cores, threads, torch version, date, load), the
 command, and tables of medians and ratios against the DESIGN §5 targets.
 """
@@ -103,7 +103,7 @@ def memory(benchmarks: list[dict]) -> list[str]:
     lines = [
         '## Memory vs N_train (streaming `influence_across_checkpoints`, mode="sdi")',
         "",
-        f"`bench/memory.py --child N` in a fresh process: toy looped transformer (d {mem.D},"
+        f"`bench/speed/memory.py --child N` in a fresh process: toy looped transformer (d {mem.D},"
         f" tau {mem.STEPS}, seq {mem.SEQ}, m {mem.M}, {mem.N_QUERY} queries). Growth over the"
         " footprint before the call; the reference design keeps every train example's per-step"
         " sketches (N_train x params x steps x m x 4 bytes). *seconds*: the whole process.",

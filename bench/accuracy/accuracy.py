@@ -1,6 +1,6 @@
 """Accuracy of projected SDI and TracIn against the exact baseline, ours and 0.1.1 side by side.
 
-    python bench/accuracy.py [--reference-python PATH] [--seeds 10] [--out bench/results]
+    python bench/accuracy/accuracy.py [--reference-python PATH] [--seeds 10] [--out bench/results]
 
 For sketch sizes m = 64 ... 16384 and 10 hash seeds it measures the relative error
 ``||est - exact|| / ||exact||`` (Frobenius norm over all train x query (x step) scores) of projected
@@ -12,7 +12,7 @@ virtualenv (both packages are imported as ``sdi``): ``--reference-python``, else
 step-decomposed-influence==0.1.1`` when missing). Writes ``accuracy.md`` (tables, machine, command,
 date) and ``accuracy.png`` (error vs m, log-log, with a 1/sqrt(m) guide) to ``--out``.
 
-The workload helpers here are shared with ``bench/uncertainty.py``.
+The workload helpers here are shared with ``bench/accuracy/uncertainty.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.toy import LoopedTransformer, next_token_loss
 
-BENCH = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parent  # bench/: results/ and the reference venv
 CONFIG = dict(vocab=16, d_model=32, n_heads=4, loop_steps=4, max_len=16)
 HALF = CONFIG["max_len"] // 2  # copy task: HALF random tokens, then the same tokens again
 BATCH = 16
@@ -151,7 +152,7 @@ def relative_error(est: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 def reference_python(arg: str | None) -> Path:
     """The reference's interpreter: the argument, ``$SDI_REFERENCE_PYTHON``, or
-    ``bench/.venv-reference`` (the venv ``bench/compare_reference.py`` uses too, with the same stamp)
+    ``bench/.venv-reference`` (the venv ``bench/reference/compare_reference.py`` uses too, with the same stamp)
     made when missing."""
     chosen = arg or os.environ.get("SDI_REFERENCE_PYTHON")
     if chosen:
@@ -186,7 +187,7 @@ def run_reference(python: Path, work: Workload, seeds, threads: int, tmp: Path) 
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # ours must stay invisible
     subprocess.run(
-        [str(python), str(BENCH / "accuracy_reference.py"), str(workload_path), str(result_path)],
+        [str(python), str(HERE / "accuracy_reference.py"), str(workload_path), str(result_path)],
         check=True,
         env=env,
         cwd=tmp,

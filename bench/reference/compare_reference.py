@@ -1,17 +1,17 @@
 """This package against ``step-decomposed-influence`` 0.1.1 on the same machine, in one run.
 
-Runs ``bench/workload.py`` (the DESIGN §5 CPU workload) under both packages, alternating
+Runs ``bench/speed/workload.py`` (the DESIGN §5 CPU workload) under both packages, alternating
 reference, ours, reference, ours, ... (``--pairs`` pairs per mode), each run in a fresh process
 that times ``--repeats`` calls after a warm-up. Both packages draw the same hash tables from the
 same seed on the CPU, so their outputs must agree to float rounding; that is checked first. Prints
 the per-pair speed-up (reference time / our time, medians within each process) and its median, for
-``mode="sdi"`` and ``mode="tracin"``, and with ``--json`` writes them for ``bench/report.py``, with
+``mode="sdi"`` and ``mode="tracin"``, and with ``--json`` writes them for ``bench/speed/report.py``, with
 two more views of each pair: the speed-up of the first (cold) call of each process, and of each
 process's fastest call.
 
 The reference lives in its own virtual environment (both packages are imported as ``sdi``):
 ``bench/.venv-reference``, created on first use with ``torch==2.13.0`` (``--torch-spec``) and
-``step-decomposed-influence==0.1.1`` from PyPI (``bench/accuracy.py`` shares it), or any
+``step-decomposed-influence==0.1.1`` from PyPI (``bench/accuracy/accuracy.py`` shares it), or any
 interpreter given as ``--reference-python`` or ``$SDI_REFERENCE_PYTHON``.
 Our side runs under this interpreter with the repository first on ``PYTHONPATH``.
 """
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parents[1]  # bench/: the reference venv
 ROOT = BENCH.parent
+WORKLOAD = BENCH / "speed" / "workload.py"
 REFERENCE = "step-decomposed-influence==0.1.1"
 
 
@@ -51,13 +52,13 @@ def reference_python(path: Path | None, venv_dir: Path, torch_spec: str) -> Path
 
 
 def run_workload(python: Path, mode: str, repeats: int, out: Path, ours: bool) -> dict:
-    """One fresh process of ``bench/workload.py``; returns what it saved."""
-    # The script's folder (bench/, no `sdi` in it) is the only path Python adds; PYTHONPATH is
+    """One fresh process of ``bench/speed/workload.py``; returns what it saved."""
+    # The script's folder (bench/speed/, no `sdi` in it) is the only path Python adds; PYTHONPATH is
     # cleared for the reference and points at this repository for ours.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if ours:
         env["PYTHONPATH"] = str(ROOT)
-    cmd = [str(python), str(BENCH / "workload.py"), "--mode", mode, "--repeats", str(repeats)]
+    cmd = [str(python), str(WORKLOAD), "--mode", mode, "--repeats", str(repeats)]
     subprocess.run([*cmd, "--out", str(out)], check=True, env=env)
     return torch.load(out, weights_only=False)
 

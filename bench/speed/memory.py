@@ -1,6 +1,6 @@
 """Peak memory of streaming influence vs the training-set size, next to the reference's design.
 
-    python bench/memory.py [--out bench/results/memory.md]
+    python bench/speed/memory.py [--out bench/results/memory.md]
 
 Each N_train runs in a fresh process: build a toy looped transformer, run
 ``influence_across_checkpoints(mode="sdi")`` over N_train examples and 16 queries, and report two
@@ -127,7 +127,7 @@ def main() -> None:
             "",
             f"- machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}",
-            "- command: `python bench/memory.py`",
+            "- command: `python bench/speed/memory.py`",
             f"- workload: toy looped transformer d={D}, 4 heads, tau={STEPS}, seq {SEQ}, m={M}, "
             f"{N_QUERY} queries, batch 32, target = the looped block",
             "- ours: growth over the footprint before the call (fresh process per row, after a warm-up "

@@ -5,7 +5,7 @@ packages share, and carries its own copy of the toy looped transformer (``sdi.to
 here). The workload (DESIGN §5): d_model 128, 4 heads, 8 loop steps, seq 64, batch 32, 128 train +
 32 query examples, ``projection_size=1024``, ``target_modules=model.core``, one checkpoint.
 
-``python bench/workload.py --mode sdi --repeats 3 --out result.pt`` times ``repeats`` calls of
+``python bench/speed/workload.py --mode sdi --repeats 3 --out result.pt`` times ``repeats`` calls of
 ``influence_across_checkpoints`` after one warm-up call and saves ``{"seconds": [...] (wall),
 "cpu_seconds": [...] (process CPU time), "first_seconds": the warm-up call (the first call of a
 fresh process), "tracin": (N_train, N_query), "sdi": (N_train, N_query, steps) or None,

@@ -1,6 +1,6 @@
 """End to end against a plain training step, as ratios from paired runs (pytest-benchmark).
 
-The DESIGN §5 CPU workload (``bench/workload.py``): ``influence_across_checkpoints`` in
+The DESIGN §5 CPU workload (``bench/speed/workload.py``): ``influence_across_checkpoints`` in
 ``mode="tracin"`` and ``mode="sdi"``, and, as the yardstick, a plain forward + backward with
 parameter gradients (``loss.sum().backward()``) over the same 160 examples. Also timed against that
 yardstick: the same forward + backward with every parameter frozen and no sketch math
