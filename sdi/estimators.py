@@ -35,7 +35,7 @@ from .checkpoints import (
     default_load_model_state_dict,
 )
 from .featurize import FeatureSet, Featurizer, LossFn
-from .store import FeatureStore, file_sha256
+from .store import FeatureStore, batch_at, batch_fingerprint, file_sha256
 
 DEFAULT_MAX_QUERY_BYTES = 2 << 30  # query features held at once; more -> one train pass per chunk
 
@@ -189,22 +189,30 @@ class _Estimator:
         if sharding is not None:
             loader = sharding.owned(loader)
 
+        def compute(batch):  # None: the batch is not there (a corrupt shard cannot be rebuilt)
+            if batch is None:
+                return None
+            return self._featurizer.compute_batch(batch, loss_fn, sum_steps=not per_step)
+
         def stored():
             if store.complete:
                 for i, shard in enumerate(store.shards):
-                    yield store.read(i, device), shard["steps"]
+                    redo = lambda i=i: compute(batch_at(loader, i))  # noqa: E731
+                    yield store.read(i, device, recompute=redo), shard["steps"]
                 return
-            for i, batch in enumerate(loader):
+            n = 0
+            for n, batch in enumerate(loader, 1):
+                i, fingerprint = n - 1, batch_fingerprint(batch)
                 if i < len(store.shards):  # written before an interruption: read, don't recompute
-                    yield store.read(i, device), store.shards[i]["steps"]
+                    store.check_fingerprint(i, fingerprint)
+                    feats = store.read(i, device, recompute=lambda b=batch: compute(b))
+                    yield feats, store.shards[i]["steps"]
                     continue
-                feats, steps = self._featurizer.compute_batch(
-                    batch, loss_fn, sum_steps=not per_step
-                )
-                store.append(feats, steps)
+                feats, steps = compute(batch)
+                store.append(feats, steps, fingerprint=fingerprint)
                 bar.update(1)
                 yield feats, steps
-            store.finish()
+            store.finish(n, allow_empty=sharding is not None)  # a rank may own no batch
 
         def stream():
             offset, counts = 0, []
