@@ -194,10 +194,16 @@ class _Estimator:
                 return None
             return self._featurizer.compute_batch(batch, loss_fn, sum_steps=not per_step)
 
+        def recompute(i):  # a corrupt shard of a complete store: from its batch, if unchanged
+            batch = batch_at(loader, i)
+            if batch is not None:
+                store.check_fingerprint(i, batch_fingerprint(batch))
+            return compute(batch)
+
         def stored():
             if store.complete:
                 for i, shard in enumerate(store.shards):
-                    redo = lambda i=i: compute(batch_at(loader, i))  # noqa: E731
+                    redo = lambda i=i: recompute(i)  # noqa: E731
                     yield store.read(i, device, recompute=redo), shard["steps"]
                 return
             n = 0

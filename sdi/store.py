@@ -112,6 +112,15 @@ class StoreMismatchError(StoreError):
     """The store was written for other train data or settings than the caller's."""
 
 
+_WRITE_FIX = {
+    errno.ENOSPC: "Free space",
+    errno.EDQUOT: "Free space within your quota",
+    errno.EFBIG: "Raise the file size limit",
+    errno.EROFS: "Make the folder writable",
+    errno.EACCES: "Make the folder writable",
+}
+
+
 class StoreWriteError(OSError):
     """Writing ``file`` into ``store`` failed (e.g. a full disk); ``needed`` bytes were to be written."""
 
@@ -121,8 +130,8 @@ class StoreWriteError(OSError):
             cause.errno,
             f"feature store {store}: could not write {file} ({needed} bytes needed, "
             f"{'unknown' if free is None else free} bytes free on its disk): "
-            f"{cause.strerror or cause}. Free space or pass another folder, then rerun: the store "
-            "resumes after its last complete shard",
+            f"{cause.strerror or cause}. {_WRITE_FIX.get(cause.errno, 'Fix that')} or pass another "
+            "folder, then rerun: the store resumes after its last complete shard",
         )
         self.store, self.file, self.needed = Path(store), file, needed
 
@@ -222,6 +231,7 @@ class _State:
     shards: list[dict[str, Any]]
     complete: bool = False
     batches: int | None = None
+    signature: tuple | None = None  # the manifest file's (device, inode, size, times) when read
 
 
 class FeatureStore:
@@ -242,6 +252,7 @@ class FeatureStore:
         self.identity = {"format": FORMAT_VERSION, **identity}
         self._manifest = self.root / MANIFEST
         self._held = False
+        self._seen: tuple | None = None  # the manifest file as this object last read or wrote it
         self.root.mkdir(parents=True, exist_ok=True)
         with self._locked():
             self._remove_stale_temporaries()
@@ -476,6 +487,7 @@ class FeatureStore:
             "batches": state.batches,
         }
         self._write_file(MANIFEST, json.dumps(manifest, indent=1).encode())
+        state.signature = self._signature()
 
     def _write_file(self, name: str, data) -> None:
         """Write ``data`` to ``name`` atomically: a unique temporary file, fsync, rename."""
@@ -531,16 +543,27 @@ class FeatureStore:
 
     def _adopt(self, state: _State) -> None:
         self.shards, self.complete, self.batches = state.shards, state.complete, state.batches
+        self._seen = state.signature
 
     def _refresh_entry(self, index: int) -> bool:
         """Re-read the manifest; whether shard ``index``'s entry changed."""
         with self._locked():
-            state = self._load_existing()
+            state = self._load_existing(fresh=True)
         before = self.shards[index]
         self._adopt(state)
         return index < len(state.shards) and state.shards[index] != before
 
-    def _load_existing(self) -> _State:
+    def _signature(self) -> tuple | None:
+        try:
+            st = os.stat(self._manifest)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _load_existing(self, fresh: bool = False) -> _State:
+        """The manifest's state (under the lock); unchanged since we last saw it: not re-parsed."""
+        if not fresh and self._seen is not None and self._signature() == self._seen:
+            return _State(list(self.shards), self.complete, self.batches, self._seen)  # a copy
         state = self._load()
         if state is None:
             raise CorruptManifestError(self.root, MANIFEST, "is missing (deleted during the run?)")
@@ -552,6 +575,7 @@ class FeatureStore:
         def bad(what: str) -> CorruptManifestError:
             return CorruptManifestError(self.root, MANIFEST, what)
 
+        signature = self._signature()
         try:
             raw = self._manifest.read_bytes()
         except FileNotFoundError:
@@ -592,7 +616,12 @@ class FeatureStore:
             raise bad("has a 'complete' that is not true/false")
         if complete and (type(batches) is not int or batches != len(shards)):
             raise bad(f"is marked complete with {batches!r} batches but lists {len(shards)} shards")
-        return _State(shards=shards, complete=complete, batches=batches if complete else None)
+        return _State(
+            shards=shards,
+            complete=complete,
+            batches=batches if complete else None,
+            signature=signature,  # taken under the lock: nobody rewrote it since
+        )
 
 
 def _entry_problem(entry: Any, index: int) -> str | None:

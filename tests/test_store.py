@@ -357,6 +357,7 @@ def test_a_full_disk_is_an_error_naming_the_store_and_bytes_then_the_rerun_resum
     else:
         assert needed > 500  # the whole manifest text
     assert f"{needed} bytes needed" in message and "bytes free on its disk" in message
+    assert "Free space" in message and "resumes after its last complete shard" in message
     assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))  # cleaned up
     assert _manifest(root) == before  # the store still lists the two complete shards
 
@@ -400,6 +401,21 @@ def test_a_writer_adopts_the_shard_another_wrote_first(tmp_path):
     a.finish(2)
     b.finish(2)  # already complete: checked, not rewritten
     assert _manifest(tmp_path / "s")["batches"] == 2
+
+
+def test_a_single_writer_does_not_reparse_its_own_manifest(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path / "s", IDENTITY)
+    loads = []
+    real = FeatureStore._load
+    monkeypatch.setattr(FeatureStore, "_load", lambda self: loads.append(1) or real(self))
+    for i in range(3):
+        store.append(_features(i), steps=3)
+    store.finish(3)
+    assert loads == []  # its view is the file it wrote last (same inode, size and times)
+    FeatureStore(tmp_path / "s", IDENTITY).replace(0, _features(5), steps=3)  # another writer
+    store.replace(1, _features(6), steps=3)
+    assert loads == [1, 1]  # the other writer's open, then this one re-reads the changed file
+    assert torch.equal(store.read(0), _features(5)) and torch.equal(store.read(1), _features(6))
 
 
 def test_errors_survive_pickling_across_processes(tmp_path):
@@ -486,6 +502,9 @@ def test_estimator_names_a_corrupt_shard_whose_batch_the_loader_lacks(tmp_path, 
         CorruptShardError, match="shard_000002.npy is truncated.*not in the train loader"
     ):
         _run(est, ckpt, _train()[:2], store)
+    other = _train()[:2] + random_token_batches(1, 1, SEQ, VOCAB, seed=99)
+    with pytest.raises(StoreMismatchError, match="train batch 2 differs"):
+        _run(est, ckpt, other, store)  # not recomputed from another batch
 
 
 def test_estimator_recomputes_a_corrupt_shard_when_resuming(tmp_path, ckpt):
