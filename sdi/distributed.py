@@ -81,6 +81,8 @@ class Sharding:
         self.rank, self.world, self.device, self.comm, self.to = rank, world, device, comm, to
         self.name = name
 
+    may_own_no_batch = True  # a loader of fewer batches than ranks leaves some ranks none
+
     @property
     def store_identity(self) -> dict[str, Any]:
         """What a rank's stored features depend on beyond one process's identity."""
@@ -267,6 +269,7 @@ class LocalSharding:
     """
 
     rank, world = 0, 1
+    may_own_no_batch = False  # it owns every batch: an empty train loader is an error
     store_identity: dict[str, Any] = {}  # one process's stores carry no shard entry
 
     def __init__(self, name: str = "train_loader"):

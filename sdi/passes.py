@@ -101,6 +101,7 @@ def checkpoint_passes(
                     per_step=per_step_train,
                     store=store,
                     after_batch=lambda: bar.update(1),
+                    may_be_empty=sharding.may_own_no_batch,
                 )
                 chunks = query_chunks(
                     featurizer,
