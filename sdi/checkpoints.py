@@ -278,14 +278,20 @@ def load_torch_file(path: str | Path, *, map_location: str = "cpu") -> Any:
         head = f.read(64)
     is_zip = head.startswith(b"PK")
     if is_zip:
-        pickle_bytes = _zip_pickle(path, size)
-    elif head[:1] == b"\x80":  # a pickle protocol opcode: torch's legacy (pre-1.6) format
-        pickle_bytes = path.read_bytes()
-    else:
+        pickle_name = _zip_pickle_name(path, size)  # reads the archive's directory only
+    elif head[:1] != b"\x80":  # neither zip nor a pickle protocol opcode (torch's legacy format)
         raise CorruptCheckpointError(f"{path}: not a checkpoint: {_describe_bytes(head)}")
     try:
         return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        try:
+            if is_zip:
+                with zipfile.ZipFile(path) as archive:
+                    pickle_bytes = archive.read(pickle_name)
+            else:
+                pickle_bytes = path.read_bytes()
+        except (zipfile.BadZipFile, zlib.error, OSError):
+            pickle_bytes = b""  # unreadable: reported as damaged below
         objects = _unsafe_globals(pickle_bytes, several=not is_zip)
         if objects is None:
             raise CorruptCheckpointError(
@@ -317,20 +323,20 @@ def _describe_bytes(head: bytes) -> str:
     return f"it holds text (begins {text[:40]!r})"
 
 
-def _zip_pickle(path: Path, size: int) -> bytes:
-    """The ``data.pkl`` of a ``torch.save`` zip archive; a broken archive is an error."""
+def _zip_pickle_name(path: Path, size: int) -> str:
+    """The name of a ``torch.save`` zip archive's ``data.pkl``; a broken archive is an error."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if not names:
-                raise CorruptCheckpointError(
-                    f"{path}: a zip archive without data.pkl, not a torch.save checkpoint"
-                )
-            return archive.read(names[0])
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
         raise CorruptCheckpointError(
             f"{path}: truncated or corrupt torch.save archive ({size} bytes): {err}"
         ) from err
+    if not names:
+        raise CorruptCheckpointError(
+            f"{path}: a zip archive without data.pkl, not a torch.save checkpoint"
+        )
+    return names[0]
 
 
 # Globals a weights_only load accepts without the user's opt-in (besides torch's own).

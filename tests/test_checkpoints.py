@@ -217,6 +217,7 @@ def test_folder_weight_from_trainer_state_scales_tracin(
 
 def test_albert_save_pretrained_folder_restores_tied_weights(tmp_path):
     import transformers
+
     config = transformers.AlbertConfig(
         vocab_size=40,
         embedding_size=8,
@@ -451,3 +452,32 @@ def test_estimator_takes_string_paths(tmp_path, trained, train_batches, query_ba
     )
     with pytest.raises(TypeError, match="single str"):
         _tracin(path, model, train_batches, query_batches)
+
+
+def test_zip_without_torch_pickle_is_not_a_checkpoint(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.pt", "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(CorruptCheckpointError, match="a zip archive without data.pkl"):
+        default_load_checkpoint(tmp_path / "a.pt")
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding and an output head sharing one weight, as HF causal LMs tie lm_head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 5)
+        self.head = torch.nn.Linear(5, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_any_tied_weight_left_out_is_restored(tmp_path):
+    torch.manual_seed(0)
+    saved = _TiedLM()
+    save_file({"embed.weight": saved.embed.weight.detach().clone()}, tmp_path / "m.safetensors")
+    fresh = _TiedLM()
+    default_load_model_state_dict(fresh, default_load_checkpoint(tmp_path / "m.safetensors"))
+    torch.testing.assert_close(fresh.head.weight, saved.embed.weight, rtol=0, atol=0)
+    assert fresh.head.weight is fresh.embed.weight
