@@ -10,9 +10,11 @@ It imports only the public ``sdi`` API that both packages share.
 
 ``python bench/hf_workload.py --mode sdi --repeats 2 --out result.pt`` times ``repeats`` calls of
 ``influence_across_checkpoints`` after one warm-up call and saves ``{"seconds", "cpu_seconds",
-"first_seconds", "tracin", "sdi", "package"}`` (as ``bench/workload.py`` does). ``--what
-train-step`` times a plain forward + backward with parameter gradients over the same batches at
-each checkpoint (the checkpoint loaded first, as the estimator does) instead.
+"first_seconds", "tracin", "sdi", "package"}`` (as ``bench/workload.py`` does). With
+``--with-train-step`` each timed call is followed by a plain forward + backward with parameter
+gradients over the same batches at each checkpoint (the checkpoint loaded first, as the estimator
+does), timed too (``"train_step_seconds"``, ``"train_step_cpu_seconds"``): paired in one process, the ratio of the two stays
+meaningful on a machine whose load changes.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def train_step(model, paths, loaders) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=["influence", "train-step"], default="influence")
+    parser.add_argument("--with-train-step", action="store_true")
     parser.add_argument("--mode", choices=["sdi", "tracin"], default="sdi")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -119,27 +121,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, paths, train, query = setup(Path(tmp))
         core = model.albert.encoder.albert_layer_groups[0]
-        if args.what == "train-step":
-            run = lambda: train_step(model, paths, (query, train))  # noqa: E731
-        else:
-            est = ProjectedTracInSDI(model=model, target_modules=core, projection_size=M)
-            run = lambda: influence(est, paths, train, query, args.mode)  # noqa: E731
+        est = ProjectedTracInSDI(model=model, target_modules=core, projection_size=M)
+        run = lambda: influence(est, paths, train, query, args.mode)  # noqa: E731
+        step = lambda: train_step(model, paths, (query, train))  # noqa: E731
         start = time.perf_counter()
         result = run()  # warm-up: the first call of a fresh process, timed on its own
         first_seconds = time.perf_counter() - start
-        seconds, cpu_seconds = [], []
+        if args.with_train_step:
+            step()  # its warm-up
+        seconds, cpu_seconds, step_seconds, step_cpu_seconds = [], [], [], []
         for _ in range(args.repeats):
             start, cpu_start = time.perf_counter(), time.process_time()
             run()
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
-    print(" ".join(f"{s:.3f}" for s in seconds))
+            if args.with_train_step:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step()
+                step_seconds.append(time.perf_counter() - start)
+                step_cpu_seconds.append(time.process_time() - cpu_start)
+    print(" ".join(f"{s:.3f}" for s in seconds), "| plain step:", step_seconds)
     if args.out is not None:
         torch.save(
             {
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
                 "first_seconds": first_seconds,
+                "train_step_seconds": step_seconds,
+                "train_step_cpu_seconds": step_cpu_seconds,
                 "tracin": None if result is None else result.tracin,
                 "sdi": None if result is None else result.sdi,
                 "package": sdi.__file__,
