@@ -437,14 +437,22 @@ def _trainer_state_lr(file: Path) -> tuple[float, int] | None:
             raise TypeError("log_history is not a list")
     except (ValueError, AttributeError, TypeError) as err:
         raise CorruptCheckpointError(f"{file}: not a valid trainer state: {err}") from err
-    logged = [e for e in history if isinstance(e, dict) and "learning_rate" in e and "step" in e]
+
+    def is_step(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    logged = [
+        e
+        for e in history
+        if isinstance(e, dict) and "learning_rate" in e and is_step(e.get("step"))
+    ]
     step = state.get("global_step")
-    if isinstance(step, int) and not isinstance(step, bool):
+    if is_step(step):
         logged = [e for e in logged if e["step"] <= step]
     if not logged:
         return None
-    last = max(logged, key=lambda e: e["step"])  # max keeps the first of equal steps: take last
-    last = [e for e in logged if e["step"] == last["step"]][-1]
+    newest = max(e["step"] for e in logged)
+    last = [e for e in logged if e["step"] == newest][-1]  # the last entry logged at that step
     lr = _finite(
         last["learning_rate"], f"the learning_rate logged at step {last['step']} in {file}"
     )

@@ -481,3 +481,16 @@ def test_any_tied_weight_left_out_is_restored(tmp_path):
     default_load_model_state_dict(fresh, default_load_checkpoint(tmp_path / "m.safetensors"))
     torch.testing.assert_close(fresh.head.weight, saved.embed.weight, rtol=0, atol=0)
     assert fresh.head.weight is fresh.embed.weight
+
+
+def test_trainer_state_entries_without_a_numeric_step_are_ignored(tmp_path, trained):
+    save_file(_state(trained), tmp_path / "model.safetensors")
+    history = [
+        {"learning_rate": 0.5, "step": 4},
+        {"learning_rate": 9.0, "step": "6"},  # not a step number: skipped, not compared
+        {"learning_rate": 9.0},
+    ]
+    state = {"global_step": 8, "log_history": history}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    got = eta_and_source(default_load_checkpoint(tmp_path))
+    assert got == (0.5, "trainer_state.json (learning_rate logged at step 4)")
