@@ -30,6 +30,7 @@ from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
     InfluenceOutputs,
+    as_checkpoint_specs,
     default_eta_from_checkpoint,
     default_load_checkpoint,
     default_load_model_state_dict,
@@ -261,9 +262,7 @@ class _Estimator:
         Sharded, the pairs hold only this rank's train batches, and an error raised here or while
         producing the pairs is reported to the other ranks before it propagates.
         """
-        checkpoints = list(checkpoints)
-        if not checkpoints:
-            raise ValueError("no checkpoints given")
+        checkpoints = as_checkpoint_specs(checkpoints)
         if max_query_bytes <= 0:
             raise ValueError(f"max_query_bytes must be positive, got {max_query_bytes}")
         _warn_if_shuffled(train_loader, "train_loader")
