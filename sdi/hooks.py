@@ -205,9 +205,9 @@ class HookManager:
         log.batch_sizes.add(int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1)
         kept = out.detach().clone() if use == 0 and module in self._keep_output else None
         call = Call(_detached(tuple(args)), _detached(dict(kwargs)), kept)
-        self._watch_other_outputs(module, output, out)
-
-        replacement = None
+        watched = self._watch_other_outputs(module, output, out)
+        replacement = None if watched is output else watched
+        output = watched
         if not out.requires_grad:
             # Featurisation freezes every parameter so that backward computes no weight gradient.
             # An output that then needs no grad has no grad-requiring input either: nothing upstream
@@ -234,13 +234,22 @@ class HookManager:
         target.register_hook(on_grad)
         return replacement
 
-    @staticmethod
-    def _watch_other_outputs(module: nn.Module, output, first: torch.Tensor) -> None:
+    def _watch_other_outputs(self, module: nn.Module, output, first: torch.Tensor):
+        """Hang a refusing hook on every other floating tensor output; returns the output to use.
+
+        An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
+        as the first output does, so that a loss using it is still seen.
+        """
         if not isinstance(output, (tuple, list)):
-            return
-        for index, other in enumerate(output):
-            if not torch.is_tensor(other) or other is first or not other.requires_grad:
+            return output
+        items = list(output)
+        for index, other in enumerate(items):
+            if not torch.is_tensor(other) or other is first or not other.is_floating_point():
                 continue
+            if not other.requires_grad:
+                leaf = other.detach().requires_grad_(True)
+                self.log.leaves.append(leaf)
+                other = items[index] = leaf.clone()
 
             def refuse(grad: torch.Tensor, index=index) -> None:
                 if bool(grad.ne(0).any()):
@@ -252,6 +261,11 @@ class HookManager:
                     )
 
             other.register_hook(refuse)
+        if all(a is b for a, b in zip(items, output, strict=True)):
+            return output
+        if hasattr(output, "_fields"):  # namedtuple
+            return type(output)(*items)
+        return type(output)(items) if isinstance(output, tuple) else items
 
 
 def _replace_first(output, new: torch.Tensor):
