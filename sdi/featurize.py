@@ -84,6 +84,21 @@ def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
+def _enclosing(model: nn.Module, owners) -> list[nn.Module]:
+    """Every module that contains an owner of selected parameters (the loop layers among them):
+    :mod:`sdi.steps` finds the loop passes from their calls as well."""
+    parent: dict[nn.Module, nn.Module] = {}
+    for module in model.modules():
+        for child in module.children():
+            parent.setdefault(child, module)
+    out: dict[nn.Module, None] = {}
+    for module in owners:
+        while module in parent:
+            module = parent[module]
+            out[module] = None
+    return list(out)
+
+
 class Featurizer:
     """Hooks + rules + layout for one model and one parameter selection.
 
@@ -186,7 +201,7 @@ class Featurizer:
             list(self._module_params),
             self._on_grad,
             batch_dim=0 if self.batch_first else 1,
-            span_modules=list(target_modules),  # the loop layers time the passes (sdi.steps)
+            span_modules=_enclosing(model, self._module_params),  # they time the passes
             keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
         )
 

@@ -5,24 +5,32 @@ The steps come from the forward timeline (:class:`sdi.hooks.CallLog`):
 - When every selected parameter is used ``tau`` times, use ``t`` fills step ``t`` (however the uses
   interleave: the classic weight-tied loop, or several stacks each run ``tau`` times).
 - Otherwise the modules used in every pass -- those with the most uses, ``tau``, among the modules
-  owning selected parameters and the ``target_modules`` themselves -- define the loop passes: pass
-  ``p`` spans from the first to the last tick of their ``p``-th calls. Each use of a module used in
+  owning selected parameters and the modules enclosing them (the loop layers) -- define the loop
+  passes: pass ``p`` spans from the first to the last tick of their ``p``-th calls. Each use of a module used in
   fewer passes (a gate acting from the second pass on, an early-exit head) fills the step of the
-  pass it ran inside; its feature is zero in the other steps.
+  pass it ran in; its feature is zero in the other steps. A use between passes ``p`` and ``p + 1``
+  belongs to pass ``p`` (it reads that pass's output, as an early-exit head does); a gate that runs
+  first in its loop layer lies inside that layer's call, so in its own pass.
 - With ``allow_mixed_steps=True``, uses before the first pass fill a *prelude* step in front of
   the passes and uses after the last one a *readout* step behind them.
-- A use between two passes, or passes that overlap, cannot be placed: an error that shows the use
-  counts. (Select the loop layers whole rather than their submodules: a gate that runs first in its
-  layer then lies inside that layer's call.)
+- Passes that overlap (the ``tau``-times-used modules do not run pass after pass), or a use across
+  a pass boundary, are ambiguous: an error that shows the use counts.
 
-Example: a 3-pass loop of two layers whose ``gate`` acts from the second pass on, with the
-embedding selected too (``allow_mixed_steps=True``); ``estimator.step_plan`` after featurising::
+Example: the 3-pass loop of two layers in ``tests/looped_lm.py``, whose ``gate`` acts from the
+second pass on, selecting the embedding, layer 0's gate and both layers' attention
+(``allow_mixed_steps=True``); ``print(estimator.step_plan)`` after featurising shows::
 
     StepPlan: 4 steps [prelude, pass 0, pass 1, pass 2]
-      embed                 1 use  -> steps [0]
-      layers.0.attn         3 uses -> steps [1, 2, 3]
-      layers.0.gate         2 uses -> steps [2, 3]
-      layers.1.attn         3 uses -> steps [1, 2, 3]
+      embed              1 use  -> steps [0]
+      layers.0.gate      2 uses -> steps [2, 3]
+      layers.0.attn      3 uses -> steps [1, 2, 3]
+      layers.0.attn.qkv  3 uses -> steps [1, 2, 3]
+      layers.0.attn.out  3 uses -> steps [1, 2, 3]
+      layers.1.attn      3 uses -> steps [1, 2, 3]
+      layers.1.attn.qkv  3 uses -> steps [1, 2, 3]
+      layers.1.attn.out  3 uses -> steps [1, 2, 3]
+
+The gate's features are zero in step 1 (pass 0), where it did not run.
 """
 
 from __future__ import annotations
@@ -101,7 +109,7 @@ def plan_steps(
 
     by_count = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
     shown = f"use counts {distinct}; fewest: {by_count[:5]}, most: {by_count[-5:]}"
-    passes = _pass_bounds(log, loop_steps, shown)
+    passes = _pass_bounds(log, modules, loop_steps, shown)
     where: dict[nn.Module, list[int | str]] = {}
     for module in modules:
         spans = log.spans[module]
@@ -132,9 +140,20 @@ def plan_steps(
     return StepPlan(steps, {m: [step(w) for w in ws] for m, ws in where.items()}, labels, names)
 
 
-def _pass_bounds(log: CallLog, loop_steps: int, shown: str) -> list[tuple[int, int]]:
-    """``(first, last)`` tick of each pass, from the modules called ``loop_steps`` times."""
-    full = [spans for spans in log.spans.values() if len(spans) == loop_steps]
+def _pass_bounds(
+    log: CallLog, owners: list[nn.Module], loop_steps: int, shown: str
+) -> list[tuple[int, int]]:
+    """``(first, last)`` tick of each pass, from the modules called ``loop_steps`` times: the
+    owners of selected parameters used that often, and the modules enclosing them (the loop
+    layers) whose every call holds a use of such an owner."""
+    full = [log.spans[m] for m in owners if len(log.spans[m]) == loop_steps]
+    inner = [s for spans in full for s in spans]
+    owned = set(owners)
+    for module, spans in log.spans.items():
+        if module in owned or len(spans) != loop_steps:
+            continue
+        if all(any(lo < a and b < hi for a, b in inner) for lo, hi in spans):
+            full.append(spans)
     passes = [(min(s[p][0] for s in full), max(s[p][1] for s in full)) for p in range(loop_steps)]
     for p in range(loop_steps - 1):
         if passes[p][1] >= passes[p + 1][0]:
@@ -147,18 +166,20 @@ def _pass_bounds(log: CallLog, loop_steps: int, shown: str) -> list[tuple[int, i
 
 
 def _place(span: tuple[int, int], passes: list[tuple[int, int]], name: str, shown: str):
-    """The pass index a use ran inside, or ``"before"`` / ``"after"`` the loop."""
+    """The pass a use belongs to, or ``"before"`` / ``"after"`` the loop."""
     enter, leave = span
-    for p, (lo, hi) in enumerate(passes):
-        if lo <= enter and leave <= hi:
-            return p
     if leave < passes[0][0]:
         return "before"
     if enter > passes[-1][1]:
         return "after"
-    gap = next((p for p in range(len(passes) - 1) if enter < passes[p + 1][0]), len(passes) - 1)
+    for p, (lo, hi) in enumerate(passes):
+        after_pass = passes[p + 1][0] if p + 1 < len(passes) else hi + 1
+        if lo <= enter and leave <= hi:
+            return p  # inside the pass
+        if hi < enter and leave < after_pass:
+            return p  # between pass p and p + 1: it reads pass p's output
     raise RuntimeError(
-        f"a use of {name!r} runs between loop passes {gap} and {gap + 1} (or across a pass "
-        f"boundary), so its step is ambiguous ({shown}). Select the enclosing loop layers as "
-        "target_modules, so that the use lies inside one layer's call."
+        f"a use of {name!r} (ticks {enter}..{leave}) spans a boundary between loop passes "
+        f"(ticks {passes}), so its step is ambiguous ({shown}). Select the enclosing loop layers "
+        "as target_modules, or modules that run within one pass."
     )
