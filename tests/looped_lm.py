@@ -144,3 +144,14 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -
     assert got.shape == want.shape, (got.shape, want.shape)
     err = float((got - want).norm() / want.norm().clamp_min(1e-30))
     assert err <= rel, f"relative error {err:.2e} > {rel:.0e}"
+
+
+def one_thread():
+    """Run the caller's tiny-op tests on one intra-op thread (restored after): on a loaded machine
+    two threads spin-waiting on ops of a few microseconds cost several times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,10 +10,12 @@ parameters (rel 1e-4), SDI sums to TracIn, the projected estimator converges to 
 
 from __future__ import annotations
 
+import looped_lm
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers  # a test dependency: the `hf` extra
 from conftest import save_checkpoint
 from looped_lm import LoopedLM, assert_rel_close, lm_loss, per_example_grads
 from opacus.grad_sample.grad_sample_module import GradSampleModule
@@ -21,9 +23,12 @@ from opacus.grad_sample.grad_sample_module import GradSampleModule
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.rules import GENERIC, RULES
 
-import transformers  # noqa: E402  (a test dependency: the `hf` extra)
-
 VOCAB, T = 41, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from looped_lm.one_thread()
 
 
 def _albert():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import looped_lm
 import pytest
 import torch
 import torch.nn as nn
@@ -35,6 +36,11 @@ from sdi.rules import (
     rule_for,
 )
 from sdi.toy import next_token_loss, random_token_batches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from looped_lm.one_thread()
 
 
 class Scale(nn.Module):  # 1-D parameter

@@ -8,6 +8,7 @@ the uses in pass ``p``.
 
 from __future__ import annotations
 
+import looped_lm
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +17,11 @@ from torch.func import functional_call
 
 from sdi import FullGradientTracInSDI
 from sdi.featurize import Featurizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from looped_lm.one_thread()
 
 
 def _tokens(n, seed, vocab=23, T=8):
