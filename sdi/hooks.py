@@ -116,11 +116,12 @@ class HookManager:
         self._keep_output = set(keep_output)
         self._entered: dict[nn.Module, list[tuple[int, list]]] = {}
         self._handles = []
+        self._owners = set(modules)
         for m in modules:
             self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
         for m in dict.fromkeys(span_modules):
-            if m in set(modules):
+            if m in self._owners:
                 continue
             self._handles.append(m.register_forward_pre_hook(self._pre_hook))
             self._handles.append(m.register_forward_hook(self._span_hook))
@@ -163,17 +164,22 @@ class HookManager:
 
     def _pre_hook(self, module: nn.Module, inputs: tuple):
         if self._recording():
-            versions = _buffer_versions(module)
+            versions = _buffer_versions(module) if module in self._owners else []
             self._entered.setdefault(module, []).append((self.log.tick(), versions))
         return None
 
-    def _exit(self, module: nn.Module) -> tuple[int, int] | None:
-        """``(enter, exit)`` ticks of the call now returning, or ``None`` if its entry was not seen."""
+    def _exit(self, module: nn.Module, *, owner: bool) -> tuple[int, int] | None:
+        """``(enter, exit)`` ticks of the call now returning, or ``None`` if its entry was not seen.
+
+        For an ``owner`` of selected parameters, also records the buffers the call changed.
+        """
         stack = self._entered.get(module)
         if not stack:
             return None
         enter, versions = stack.pop()
         log = self.log
+        if not owner:
+            return enter, log.tick()
         before = dict(versions)
         changed = [n for n, now in _buffer_versions(module) if before.get(n) != now]
         if changed:
@@ -185,7 +191,7 @@ class HookManager:
 
     def _span_hook(self, module: nn.Module, inputs: tuple, output):
         if self._recording():
-            span = self._exit(module)
+            span = self._exit(module, owner=False)
             if span is not None:
                 self.log.spans.setdefault(module, []).append(span)
         return None
@@ -194,7 +200,7 @@ class HookManager:
         if not self._recording():
             return None
         log = self.log
-        span = self._exit(module)
+        span = self._exit(module, owner=True)
         out = _first_tensor(output)
         if span is None or out is None or not out.is_floating_point():
             return None

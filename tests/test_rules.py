@@ -415,3 +415,12 @@ def test_a_gradient_through_a_second_output_is_refused():
     feats, _ = f.compute_batch(torch.randn(3, 2, 4), lambda m, x: m(x)[0].sum(dim=(1, 2)))
     f.close()
     assert feats.shape == (3, 1, 4)
+
+
+def test_buffers_changed_outside_the_selection_are_not_refused():
+    scale = Scale(4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), scale, nn.Linear(4, 1)).train()
+    f = Featurizer(model=model, target_modules=scale, projection_size=None)
+    feats, steps = f.compute_batch(torch.randn(3, 4), lambda m, b: m(b).sum(1))
+    f.close()
+    assert steps == 1 and feats.abs().max() > 0
