@@ -424,3 +424,25 @@ def test_buffers_changed_outside_the_selection_are_not_refused():
     feats, steps = f.compute_batch(torch.randn(3, 4), lambda m, b: m(b).sum(1))
     f.close()
     assert steps == 1 and feats.abs().max() > 0
+
+
+def test_hash_tables_keep_the_seeded_draw_order():
+    """Tables drawn in model order, per parameter ``h`` then ``s``, a matrix's output side first:
+    the order 0.1.1 draws in (sdi.sketch), so both packages hash alike for one seed."""
+    from sdi.sketch import draw_count_sketch, draw_tensor_sketch
+
+    model = tiny_model(seed=1)
+    targets = [model.embed, model.core, model.head]
+    f = Featurizer(model=model, target_modules=targets, projection_size=97, seed=5, backend=TORCH)
+    f.close()
+    gen = torch.Generator().manual_seed(5)
+    for module in [model.embed, *model.core.modules(), model.head]:
+        for p in module.parameters(recurse=False):
+            if p.dim() == 2:
+                want = draw_tensor_sketch(p.shape[0], p.shape[1], 97, gen)
+                got = f.rules.tables[p]
+                pairs = [(got.out, want.out), (got.inp, want.inp)]
+            else:
+                pairs = [(f.rules.tables[p], draw_count_sketch(p.numel(), 97, gen))]
+            for a, b in pairs:
+                assert torch.equal(a.h, b.h) and torch.equal(a.s, b.s)
