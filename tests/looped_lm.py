@@ -3,9 +3,10 @@
 Each of ``layers`` runs once per pass, for ``passes`` passes. A layer holds an RMSNorm subclass with
 its own forward and weight, attention whose module owns a per-head scale ``(H, d_h)`` and a
 relative-position bias table ``(H, 2 T - 1)`` besides its ``nn.Linear`` projections (called with a
-keyword ``mask``), a depthwise ``nn.Conv1d``, an MoE block with a router ``(E, d)`` and 3-D expert
-banks ``(E, d, 2f)`` / ``(E, f, d)`` under top-k routing, and a message gate ``nn.Linear`` that acts
-only from the second pass on. Random weights, CPU-sized.
+keyword ``mask``), an attention residual over depth with its own query vector ``(d,)`` (called
+with a keyword tuple of tensors), a depthwise ``nn.Conv1d``, an MoE block with a router ``(E, d)``
+and 3-D expert banks ``(E, d, 2f)`` / ``(E, f, d)`` under top-k routing, and a message gate
+``nn.Linear`` that acts only from the second pass on. Random weights, CPU-sized.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ class MoE(nn.Module):
         return out.reshape(x.shape)
 
 
+class DepthAttention(nn.Module):
+    """Attention residual over depth: mixes ``x`` with earlier states by a learned query ``(d,)``.
+    The earlier states come as a keyword tuple of tensors."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(d) / d**0.5)
+
+    def forward(self, x, *, history: tuple[torch.Tensor, ...]):
+        states = torch.stack((x, *history), dim=-2)  # (B, T, S, d)
+        weights = (states @ self.query).softmax(-1)  # (B, T, S)
+        return (weights.unsqueeze(-1) * states).sum(-2)
+
+
 class LoopLayer(nn.Module):
     def __init__(self, d: int, heads: int, max_len: int, experts: int, k: int):
         super().__init__()
@@ -75,11 +90,12 @@ class LoopLayer(nn.Module):
         self.conv = nn.Conv1d(d, d, 3, padding=1, groups=d)
         self.norm3 = OffsetRMSNorm(d)
         self.moe = MoE(d, d, experts, k)
+        self.depth = DepthAttention(d)
 
     def forward(self, x, pass_index: int, *, mask):
         if pass_index > 0:
             x = x * torch.sigmoid(self.gate(x))
-        x = x + self.attn(self.norm1(x), mask=mask)
+        x = self.depth(x + self.attn(self.norm1(x), mask=mask), history=(x,))
         x = x + self.conv(self.norm2(x).transpose(1, 2)).transpose(1, 2)
         return x + self.moe(self.norm3(x))
 

@@ -1,7 +1,8 @@
 """Real looped LMs from ``transformers`` (issue 11, point 5): small configs, random weights, nothing
 downloaded. ALBERT (one shared layer group), HRM-text (L/H stacks, early inner cycles under
 ``torch.no_grad()``) and the multi-layer looped LM of ``tests/looped_lm.py`` (norm subclass, router,
-3-D expert banks under top-k routing, Conv1d, per-head scales, a gate used from the second pass on).
+3-D expert banks under top-k routing, Conv1d, per-head scales, a position-bias table, an attention
+residual with its own query, a gate used from the second pass on).
 
 For each: the exact estimator's TracIn equals a per-example autograd loop over the selected
 parameters (rel 1e-4), SDI sums to TracIn, the projected estimator converges to it as
