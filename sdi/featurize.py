@@ -272,11 +272,15 @@ class Featurizer:
             activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
         params = self._module_params[module]
         batch_dim = 0 if self.batch_first else 1
-        with self.hooks.paused():  # a rule may re-run the module's forward
-            if state.sums is not None:
-                state.sums.add(module, params, activations, grad, call, batch_dim)
-                return
-            features = self.rules.features(module, params, activations, grad, call, batch_dim)
+        try:
+            with self.hooks.paused():  # a rule may re-run the module's forward
+                if state.sums is not None:
+                    state.sums.add(module, params, activations, grad, call, batch_dim)
+                    return
+                features = self.rules.features(module, params, activations, grad, call, batch_dim)
+        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
+            names = [b.name for b in self.blocks if b.module is module]
+            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
         slot = state.plan.slots[module][use]
         for p, feature in zip(params, features, strict=True):
             columns = self._columns[p]
