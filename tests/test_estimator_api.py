@@ -144,31 +144,11 @@ def test_expected_steps(model, train_batches):
         est.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
 
 
-class _Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return x * self.scale
-
-
-class _Matrix(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.w = nn.Parameter(torch.eye(d))
-
-    def forward(self, x):
-        return x @ self.w
-
-
 @pytest.mark.parametrize(
     "module,culprit",
     [
         (nn.BatchNorm1d(4), "buffers"),
-        (_Scale(4), "no per-example gradient rule"),
-        (_Matrix(4), "2-D parameter"),
-        (nn.Conv1d(4, 4, 1), "3-D parameter"),
+        (nn.Embedding(4, 4, scale_grad_by_freq=True), "scale_grad_by_freq"),
     ],
 )
 def test_unsupported_parameters_are_named(module, culprit):

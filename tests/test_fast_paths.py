@@ -134,7 +134,7 @@ def test_cost_model_keeps_the_gradient_buffer_within_its_cap(monkeypatch):
     rules = SketchRules([layer.weight], 1024, seed=0, backend=get_backend("torch"))
     cpu = torch.device("cpu")
     buffer_bytes = 32 * 384 * 128 * 4
-    monkeypatch.setattr("sdi.rules.EXPLICIT_MAX_BUFFER_BYTES", buffer_bytes)
+    monkeypatch.setattr("sdi.rules.linear.EXPLICIT_MAX_BUFFER_BYTES", buffer_bytes)
     assert rules.prefers_explicit(layer.weight, 64, cpu, batch=32)
     assert not rules.prefers_explicit(layer.weight, 64, cpu, batch=33)
     # Through the rules, a batch past the cap takes the FFT path: same sketch, no buffer.
