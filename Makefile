@@ -12,7 +12,7 @@ STAMP := $(VENV)/.sdi-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,triton,plot]"
+	$(PY) -m pip install -q -e ".[dev,triton,plot,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -33,8 +33,9 @@ lint: $(STAMP)
 
 # CPU benchmarks, side by side in one run (bench/README.md): the pytest-benchmark suites
 # bench/speed/test_*.py, then this package against step-decomposed-influence 0.1.1 (its own venv,
-# bench/.venv-reference, made on first use) -> bench/results/cpu-latest.md. A shared machine is
-# steadier with `OMP_NUM_THREADS=1 make bench`.
+# bench/.venv-reference, made on first use), then the HF-model row (bench/reference/hf_compare.py:
+# ALBERT, ours vs 0.1.1 vs a plain forward+backward -> bench/results/hf-latest.md), then the report
+# -> bench/results/cpu-latest.md. A shared machine is steadier with `OMP_NUM_THREADS=1 make bench`.
 BENCH_RESULTS := bench/results
 BENCH_COMMAND ?= make bench
 bench: $(STAMP)
@@ -43,9 +44,12 @@ bench: $(STAMP)
 		--benchmark-json=$(BENCH_RESULTS)/cpu-latest-benchmarks.json
 	$(PY) bench/reference/compare_reference.py --torch-spec "$(TORCH_SPEC)" \
 		--json $(BENCH_RESULTS)/cpu-latest-reference.json
+	$(PY) bench/reference/hf_compare.py --torch-spec "$(TORCH_SPEC)" --command "$(BENCH_COMMAND)" \
+		--json $(BENCH_RESULTS)/hf-latest.json --md $(BENCH_RESULTS)/hf-latest.md
 	$(PY) bench/speed/report.py --command "$(BENCH_COMMAND)" --load-before "$(LOAD_BEFORE)" \
 		--benchmarks $(BENCH_RESULTS)/cpu-latest-benchmarks.json \
-		--reference $(BENCH_RESULTS)/cpu-latest-reference.json --out $(BENCH_RESULTS)/cpu-latest.md
+		--reference $(BENCH_RESULTS)/cpu-latest-reference.json \
+		--hf $(BENCH_RESULTS)/hf-latest.json --out $(BENCH_RESULTS)/cpu-latest.md
 bench: LOAD_BEFORE := $(shell cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 
 format: $(STAMP)

@@ -9,6 +9,8 @@ from .backend import backend_info
 from .checkpoints import CheckpointSpec
 from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
 from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
+from .rules import ModuleRule, register_rule
+from .steps import StepPlan
 
 __all__ = [
     "ProjectedTracInSDI",
@@ -18,4 +20,7 @@ __all__ = [
     "FeatureSet",
     "TopInfluences",
     "backend_info",
+    "ModuleRule",
+    "register_rule",
+    "StepPlan",
 ]

@@ -27,12 +27,20 @@ ENV_VAR = "SDI_BACKEND"
 
 @dataclass(frozen=True)
 class SketchBackend:
-    """The three sketch operations, all returning fp32 (shapes in :mod:`sdi.kernels.torch_ops`)."""
+    """The three sketch operations, all returning fp32 (shapes in :mod:`sdi.kernels.torch_ops`),
+    and what the backend can do beyond them.
+
+    ``runs_cpu_fast_paths``: for CPU tensors the callers may replace the backend's ops by the
+    plain-torch CPU fast paths (the materialised Linear gradient) when the cost model says they
+    are cheaper. False for ``triton``: an explicit request keeps its kernels, also in the CPU
+    interpreter.
+    """
 
     name: str
     count_sketch: Callable
     tensor_sketch_linear: Callable
     tensor_sketch_embedding: Callable
+    runs_cpu_fast_paths: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ def _triton_backend() -> SketchBackend:
         # No id-range check (a device sync per call, in a backward hook): the estimator's ids
         # already passed nn.Embedding's forward, and the kernel ignores out-of-range ids anyway.
         partial(tensor_sketch.tensor_sketch_embedding, check_ids=False),
+        runs_cpu_fast_paths=False,
     )
 
 

@@ -33,6 +33,7 @@ from .checkpoints import (
 from .featurize import Featurizer, LossFn
 from .options import DEFAULT_MAX_QUERY_BYTES, RunOptions
 from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
+from .steps import StepPlan
 
 
 class _Estimator:
@@ -44,6 +45,12 @@ class _Estimator:
     @property
     def model(self) -> nn.Module:
         return self._featurizer.model
+
+    @property
+    def step_plan(self) -> StepPlan | None:
+        """The step each use of each selected module filled in the last forward pass
+        (:class:`sdi.steps.StepPlan`; ``print`` it for a table); ``None`` before the first."""
+        return self._featurizer.step_plan
 
     def close(self) -> None:
         """Remove every hook from the model."""
@@ -173,7 +180,8 @@ class ProjectedTracInSDI(_Estimator):
         expected_steps: if given, the observed loop steps must equal it.
         allow_mixed_steps: put parameters used once before / after the loop into prelude / readout
             step slots instead of failing.
-        strict: refuse selected modules that have buffers.
+        strict: refuse what has no per-example gradient: modules whose forward changes their
+            buffers, and forwards the generic rule's per-example recompute does not reproduce.
     """
 
     def __init__(

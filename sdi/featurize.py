@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .freezing import requires_grad_set
-from .hooks import HookManager
+from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import ExactRules, SketchRules, check_supported
 from .steps import StepPlan, plan_steps
@@ -70,6 +70,21 @@ def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
+def _enclosing(model: nn.Module, owners) -> list[nn.Module]:
+    """Every module that contains an owner of selected parameters (the loop layers among them):
+    :mod:`sdi.steps` finds the loop passes from their calls as well."""
+    parent: dict[nn.Module, nn.Module] = {}
+    for module in model.modules():
+        for child in module.children():
+            parent.setdefault(child, module)
+    out: dict[nn.Module, None] = {}
+    for module in owners:
+        while module in parent:
+            module = parent[module]
+            out[module] = None
+    return list(out)
+
+
 class Featurizer:
     """Hooks + rules + layout for one model and one parameter selection.
 
@@ -81,7 +96,9 @@ class Featurizer:
             scalar loss was reduced over the batch (``"mean"`` grads are rescaled by ``B``).
         batch_first: whether dimension 0 (else 1) of activations is the batch.
         expected_steps, allow_mixed_steps: see :func:`sdi.steps.plan_steps`.
-        strict: refuse modules with buffers.
+        strict: refuse what has no well-defined per-example gradient: modules whose forward
+            changes their buffers (batch norm in training mode, ...), and forwards that the
+            generic rule's per-example recompute does not reproduce.
     """
 
     def __init__(
@@ -107,6 +124,8 @@ class Featurizer:
         self.batch_first = bool(batch_first)
         self.expected_steps = expected_steps
         self.allow_mixed_steps = bool(allow_mixed_steps)
+        self.strict = bool(strict)
+        self.step_plan: StepPlan | None = None  # of the last forward pass
 
         selected = _selected_params(list(target_modules))
         if not selected:
@@ -127,6 +146,7 @@ class Featurizer:
         selected_set = set(selected)
         owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}
         self._module_params: dict[nn.Module, list[nn.Parameter]] = {}
+        module_rules = {}
         for module_name, module in model.named_modules():
             direct = [p for p in module.parameters(recurse=False) if p in selected_set]
             for p in direct:
@@ -134,7 +154,7 @@ class Featurizer:
                     raise ValueError(
                         f"parameter {names[p]!r} is owned by two modules; this is not supported"
                     )
-                check_supported(
+                module_rules[module] = check_supported(
                     module, module_name, p, names[p], strict=strict, exact=projection_size is None
                 )
                 owner[p] = (module_name, module)
@@ -143,9 +163,12 @@ class Featurizer:
 
         draw_order = [p for params in self._module_params.values() for p in params]
         if projection_size is None:
-            self.rules = ExactRules()
+            self.rules = ExactRules(rules=module_rules)
         else:
-            self.rules = SketchRules(draw_order, projection_size, seed, backend)
+            draw_owners = [m for m, params in self._module_params.items() for _ in params]
+            self.rules = SketchRules(
+                draw_order, projection_size, seed, backend, draw_owners, module_rules
+            )
 
         self.blocks: list[ParamBlock] = []
         start = 0
@@ -161,7 +184,11 @@ class Featurizer:
         self.device = next(iter(devices))
         self._pass: _Pass | None = None
         self.hooks = HookManager(
-            list(self._module_params), self._on_grad, batch_dim=0 if self.batch_first else 1
+            list(self._module_params),
+            self._on_grad,
+            batch_dim=0 if self.batch_first else 1,
+            span_modules=_enclosing(model, self._module_params),  # they time the passes
+            keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
         )
 
     def close(self) -> None:
@@ -184,6 +211,15 @@ class Featurizer:
                 expected_steps=self.expected_steps,
                 allow_mixed_steps=self.allow_mixed_steps,
             )
+            self.step_plan = plan
+            if self.strict and log.mutated_buffers:
+                module, buffers = next(iter(log.mutated_buffers.items()))
+                param = next(b.name for b in self.blocks if b.module is module)
+                raise NotImplementedError(
+                    f"parameter {param!r}: the forward of its module ({type(module).__name__}) "
+                    f"changed its buffers {buffers}, so its per-example gradients are not defined "
+                    "in strict mode (pass strict=False to ignore the buffers)"
+                )
             if len(log.batch_sizes) != 1:
                 raise RuntimeError(
                     f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
@@ -210,23 +246,28 @@ class Featurizer:
         return out, plan.steps
 
     @torch.no_grad()
-    def _on_grad(
-        self, module: nn.Module, use: int, activations: list[torch.Tensor], grad: torch.Tensor
-    ) -> None:
+    def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
         state = self._pass
         if state is None:  # a backward outside compute_batch (e.g. a retained graph): not ours
             return
         if state.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
             grad = grad * state.scale
+        activations = call.tensors
         if not self.batch_first:
             grad = grad.movedim(1, 0)
             activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
         params = self._module_params[module]
-        if state.sums is not None:
-            state.sums.add(module, params, activations, grad)
-            return
+        batch_dim = 0 if self.batch_first else 1
+        try:
+            with self.hooks.paused():  # a rule may re-run the module's forward
+                if state.sums is not None:
+                    state.sums.add(module, params, activations, grad, call, batch_dim)
+                    return
+                features = self.rules.features(module, params, activations, grad, call, batch_dim)
+        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
+            names = [b.name for b in self.blocks if b.module is module]
+            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
         slot = state.plan.slots[module][use]
-        features = self.rules.features(module, params, activations, grad)
         for p, feature in zip(params, features, strict=True):
             columns = self._columns[p]
             if state.sum_steps:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from .checkpoints import CheckpointSpec
+from .checkpoints import CheckpointSpec, as_checkpoint_specs
 from .distributed import GatherTo
 from .featurize import LossFn
 
@@ -26,8 +26,9 @@ class RunOptions:
     """What one call computes and how (the keywords of ``influence_across_checkpoints``).
 
     Raises ``ValueError`` on construction for an unknown ``mode``, ``with_step_matrix`` without
-    SDI, no checkpoints, or a ``max_query_bytes`` that is not positive. ``checkpoints`` is held as
-    a tuple, so an iterator of specs serves every pass of the call.
+    SDI, no checkpoints, or a ``max_query_bytes`` that is not positive, and what
+    :func:`sdi.checkpoints.as_checkpoint_specs` refuses. ``checkpoints`` is held as a tuple of
+    specs, so an iterator serves every pass of the call.
     """
 
     checkpoints: Sequence[CheckpointSpec]
@@ -53,9 +54,7 @@ class RunOptions:
             raise ValueError(f"mode must be 'sdi' or 'tracin', got {self.mode!r}")
         if self.with_step_matrix and self.mode != "sdi":
             raise ValueError("with_step_matrix=True needs mode='sdi'")
-        checkpoints = list(self.checkpoints)  # the one place the checkpoints are normalised
-        if not checkpoints:
-            raise ValueError("no checkpoints given")
+        checkpoints = as_checkpoint_specs(self.checkpoints)  # the one place they are normalised
         object.__setattr__(self, "checkpoints", tuple(checkpoints))
         if self.max_query_bytes <= 0:
             raise ValueError(f"max_query_bytes must be positive, got {self.max_query_bytes}")

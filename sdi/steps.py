@@ -1,15 +1,42 @@
-"""Which step slot each use of each selected module fills.
+"""Which step each use of each selected module fills: the :class:`StepPlan` of one forward pass.
 
-Steps are inferred from how often the selected parameters are used in one forward pass. When every
-parameter is used ``tau`` times, use ``t`` fills slot ``t``. With ``allow_mixed_steps=True``,
-parameters used once before the loop go to a *prelude* slot in front of the loop steps and those
-used once after it to a *readout* slot behind them.
+The steps come from the forward timeline (:class:`sdi.hooks.CallLog`):
+
+- When every selected parameter is used ``tau`` times, use ``t`` fills step ``t`` (however the uses
+  interleave: the classic weight-tied loop, or several stacks each run ``tau`` times).
+- Otherwise the modules used in every pass -- those with the most uses, ``tau``, among the modules
+  owning selected parameters and the modules enclosing them (the loop layers) -- define the loop
+  passes: pass ``p`` spans from the first to the last tick of their ``p``-th calls. Each use of a module used in
+  fewer passes (a gate acting from the second pass on, an early-exit head) fills the step of the
+  pass it ran in; its feature is zero in the other steps. A use between passes ``p`` and ``p + 1``
+  belongs to pass ``p`` (it reads that pass's output, as an early-exit head does); a gate that runs
+  first in its loop layer lies inside that layer's call, so in its own pass.
+- With ``allow_mixed_steps=True``, uses before the first pass fill a *prelude* step in front of
+  the passes and uses after the last one a *readout* step behind them.
+- Passes that overlap (the ``tau``-times-used modules do not run pass after pass), or a use across
+  a pass boundary, are ambiguous: an error that shows the use counts.
+
+Example: the 3-pass loop of two layers in ``tests/looped_lm.py``, whose ``gate`` acts from the
+second pass on, selecting the embedding, layer 0's gate and both layers' attention
+(``allow_mixed_steps=True``); ``print(estimator.step_plan)`` after featurising shows::
+
+    StepPlan: 4 steps [prelude, pass 0, pass 1, pass 2]
+      embed              1 use  -> steps [0]
+      layers.0.gate      2 uses -> steps [2, 3]
+      layers.0.attn      3 uses -> steps [1, 2, 3]
+      layers.0.attn.qkv  3 uses -> steps [1, 2, 3]
+      layers.0.attn.out  3 uses -> steps [1, 2, 3]
+      layers.1.attn      3 uses -> steps [1, 2, 3]
+      layers.1.attn.qkv  3 uses -> steps [1, 2, 3]
+      layers.1.attn.out  3 uses -> steps [1, 2, 3]
+
+The gate's features are zero in step 1 (pass 0), where it did not run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -18,8 +45,33 @@ from .hooks import CallLog
 
 @dataclass(frozen=True)
 class StepPlan:
+    """``steps`` step slots; ``slots[module]`` = the step of each of its uses, in forward order."""
+
     steps: int
-    slots: dict[nn.Module, list[int]]  # module -> slot of each of its uses, in forward order
+    slots: dict[nn.Module, list[int]]
+    labels: list[str] = field(default_factory=list)  # one per step: "prelude", "pass 0", ...
+    names: dict[nn.Module, str] = field(default_factory=dict)  # module -> its name in the model
+
+    def describe(self) -> str:
+        """One line per module: its uses and the step each fills."""
+        labels = ", ".join(self.labels) if self.labels else ""
+        lines = [f"StepPlan: {self.steps} steps [{labels}]"]
+        width = max((len(n) for n in self.names.values()), default=0)
+        for module, slots in self.slots.items():
+            name = self.names.get(module, type(module).__name__)
+            uses = f"{len(slots)} use{'s' if len(slots) != 1 else ' '}"
+            lines.append(f"  {name:<{width}}  {uses} -> steps {slots}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def _module_names(owners: Mapping[str, nn.Module]) -> dict[nn.Module, str]:
+    names: dict[nn.Module, str] = {}
+    for param_name, module in owners.items():
+        names.setdefault(module, param_name.rpartition(".")[0] or "<model>")
+    return names
 
 
 def plan_steps(
@@ -29,10 +81,10 @@ def plan_steps(
     expected_steps: int | None,
     allow_mixed_steps: bool,
 ) -> StepPlan:
-    """Assign slots from one forward pass's call log.
+    """Assign steps from one forward pass's call log.
 
     Args:
-        log: the calls the hook manager recorded.
+        log: the calls the hook manager recorded (with the spans of the target modules).
         owners: selected parameter name -> the module that owns it.
     """
     counts = {name: len(log.uses.get(module, ())) for name, module in owners.items()}
@@ -49,42 +101,85 @@ def plan_steps(
             f"observed {loop_steps} loop steps but expected_steps={expected_steps}; pass "
             "expected_steps=None to accept any horizon."
         )
-    modules = {id(m): m for m in owners.values()}.values()
+    names = _module_names(owners)
+    modules = list(names)
     if len(distinct) == 1:
-        return StepPlan(loop_steps, {m: list(range(loop_steps)) for m in modules})
+        labels = [f"pass {t}" for t in range(loop_steps)]
+        return StepPlan(loop_steps, {m: list(range(loop_steps)) for m in modules}, labels, names)
 
     by_count = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
-    if not allow_mixed_steps:
-        raise RuntimeError(
-            "selected parameters are used different numbers of times in one forward pass "
-            f"(counts {distinct}; fewest: {by_count[:5]}, most: {by_count[-5:]}). SDI needs one "
-            "step count: select only the looped core, or pass allow_mixed_steps=True to put "
-            "single-use parameters into a prelude/readout slot."
-        )
-    odd = sorted(name for name, c in counts.items() if c not in (1, loop_steps))
-    if odd:
-        raise RuntimeError(
-            f"allow_mixed_steps=True accepts use counts 1 and {loop_steps} only; these differ: "
-            f"{[(n, counts[n]) for n in odd[:10]]}"
-        )
-
-    looped = [m for m in modules if len(log.uses[m]) == loop_steps]
-    first = min(log.uses[m][0] for m in looped)
-    last = max(log.uses[m][-1] for m in looped)
-    place: dict[nn.Module, str] = {}
-    for name, module in owners.items():
-        if counts[name] != 1:
+    shown = f"use counts {distinct}; fewest: {by_count[:5]}, most: {by_count[-5:]}"
+    passes = _pass_bounds(log, modules, loop_steps, shown)
+    where: dict[nn.Module, list[int | str]] = {}
+    for module in modules:
+        spans = log.spans[module]
+        if len(spans) == loop_steps and all(
+            lo <= s[0] and s[1] <= hi for s, (lo, hi) in zip(spans, passes, strict=True)
+        ):
+            where[module] = list(range(loop_steps))
             continue
-        position = log.uses[module][0]
-        if first < position < last:
+        where[module] = [_place(span, passes, names[module], shown) for span in spans]
+    outside = sorted({w for ws in where.values() for w in ws if isinstance(w, str)})
+    if outside and not allow_mixed_steps:
+        raise RuntimeError(
+            "selected parameters are used different numbers of times in one forward pass, and "
+            f"some uses lie {' and '.join(outside)} the loop passes ({shown}). SDI needs one step "
+            "per pass: select only the looped core, or pass allow_mixed_steps=True to put uses "
+            "before/after the loop into a prelude/readout step."
+        )
+    offset = 1 if "before" in outside else 0
+    steps = offset + loop_steps + (1 if "after" in outside else 0)
+    labels = (["prelude"] if offset else []) + [f"pass {t}" for t in range(loop_steps)]
+    labels += ["readout"] if steps > len(labels) else []
+
+    def step(w: int | str) -> int:
+        if w == "before":
+            return 0
+        return offset + loop_steps if w == "after" else offset + int(w)
+
+    return StepPlan(steps, {m: [step(w) for w in ws] for m, ws in where.items()}, labels, names)
+
+
+def _pass_bounds(
+    log: CallLog, owners: list[nn.Module], loop_steps: int, shown: str
+) -> list[tuple[int, int]]:
+    """``(first, last)`` tick of each pass, from the modules called ``loop_steps`` times: the
+    owners of selected parameters used that often, and the modules enclosing them (the loop
+    layers) whose every call holds a use of such an owner."""
+    full = [log.spans[m] for m in owners if len(log.spans[m]) == loop_steps]
+    inner = [s for spans in full for s in spans]
+    owned = set(owners)
+    for module, spans in log.spans.items():
+        if module in owned or len(spans) != loop_steps:
+            continue
+        if all(any(lo < a and b < hi for a, b in inner) for lo, hi in spans):
+            full.append(spans)
+    passes = [(min(s[p][0] for s in full), max(s[p][1] for s in full)) for p in range(loop_steps)]
+    for p in range(loop_steps - 1):
+        if passes[p][1] >= passes[p + 1][0]:
             raise RuntimeError(
-                f"parameter {name!r} is used once, inside the loop (call {position} of the loop's "
-                f"{first}..{last}): it can go neither to the prelude nor to the readout slot."
+                f"the modules used in every pass ({loop_steps} times) do not run pass after pass: "
+                f"their call {p + 1} starts before their call {p} has ended everywhere, so the "
+                f"loop passes are ambiguous ({shown}). Select modules of one loop."
             )
-        place[module] = "prelude" if position < first else "readout"
-    offset = 1 if "prelude" in place.values() else 0
-    steps = offset + loop_steps + (1 if "readout" in place.values() else 0)
-    slots = {m: [offset + t for t in range(loop_steps)] for m in looped}
-    for module, where in place.items():
-        slots[module] = [0] if where == "prelude" else [offset + loop_steps]
-    return StepPlan(steps, slots)
+    return passes
+
+
+def _place(span: tuple[int, int], passes: list[tuple[int, int]], name: str, shown: str):
+    """The pass a use belongs to, or ``"before"`` / ``"after"`` the loop."""
+    enter, leave = span
+    if leave < passes[0][0]:
+        return "before"
+    if enter > passes[-1][1]:
+        return "after"
+    for p, (lo, hi) in enumerate(passes):
+        after_pass = passes[p + 1][0] if p + 1 < len(passes) else hi + 1
+        if lo <= enter and leave <= hi:
+            return p  # inside the pass
+        if hi < enter and leave < after_pass:
+            return p  # between pass p and p + 1: it reads pass p's output
+    raise RuntimeError(
+        f"a use of {name!r} (ticks {enter}..{leave}) spans a boundary between loop passes "
+        f"(ticks {passes}), so its step is ambiguous ({shown}). Select the enclosing loop layers "
+        "as target_modules, or modules that run within one pass."
+    )

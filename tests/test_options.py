@@ -33,7 +33,7 @@ def _options(**kw) -> RunOptions:
     [
         (dict(mode="exact"), "mode must be 'sdi' or 'tracin', got 'exact'"),
         (dict(mode="tracin", with_step_matrix=True), "with_step_matrix=True needs mode='sdi'"),
-        (dict(checkpoints=[]), "no checkpoints given"),
+        (dict(checkpoints=[]), "no checkpoints given: pass at least one CheckpointSpec or path"),
         (dict(max_query_bytes=0), "max_query_bytes must be positive, got 0"),
         (dict(max_query_bytes=-5), "max_query_bytes must be positive, got -5"),
     ],

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import memory as mem
@@ -92,6 +93,16 @@ def reference(results: dict) -> list[str]:
     return [*lines, ""]
 
 
+def hf_row(path: Path | None, command: str) -> list[str]:
+    """The HF-model row of ``bench/reference/hf_compare.py`` (ALBERT vs 0.1.1 vs a plain step), if run."""
+    if path is None:
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))  # its own folder
+    import hf_compare
+
+    return hf_compare.markdown(json.loads(path.read_text()), command)
+
+
 def memory(benchmarks: list[dict]) -> list[str]:
     rows = sorted(
         (b for b in benchmarks if b["group"] == "memory vs N_train"),
@@ -170,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmarks", type=Path, required=True, help="pytest-benchmark JSON")
     parser.add_argument("--reference", type=Path, required=True, help="compare_reference JSON")
+    parser.add_argument("--hf", type=Path, default=None, help="hf_compare JSON (the HF-model row)")
     parser.add_argument("--command", required=True, help="the command that produced them")
     parser.add_argument("--load-before", default="?", help="load average when the run started")
     parser.add_argument("--out", type=Path, required=True)
@@ -194,6 +206,7 @@ def main() -> None:
         "",
         *end_to_end(benchmarks),
         *reference(json.loads(args.reference.read_text())),
+        *hf_row(args.hf, args.command),
         *sketch_ops(benchmarks),
         *memory(benchmarks),
     ]

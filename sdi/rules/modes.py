@@ -1,0 +1,218 @@
+"""The two feature modes, each dispatching every use to its module's rule (:mod:`.registry`).
+
+- :class:`SketchRules` (projected estimator): one hash table per parameter, drawn in the order the
+  parameters are given from one seeded generator; features ``(B, m)``.
+- :class:`ExactRules` (full-gradient baseline): the per-example, per-use gradient itself, flattened:
+  ``(B, numel)``.
+- :class:`StepSums`: ``sum_t`` of the sketches of every use of one backward pass, summed wherever
+  the module's rule finds it cheapest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..backend import SketchBackend
+from ..kernels import torch_ops
+from ..sketch import CountSketchHash, TensorSketchHash, draw_count_sketch, draw_tensor_sketch
+from .linear import explicit_is_cheaper
+from .registry import ModuleRule, Use, rule_for
+
+
+class _Mode:
+    """Rule lookup, resolved once per module (so a registration made later changes nothing here)."""
+
+    exact: bool
+
+    def __init__(self, owners: Sequence[nn.Module] | None, rules: dict | None):
+        self._rules: dict[nn.Module, ModuleRule] = dict(rules or {})
+        for module in owners or ():
+            self.rule_of(module)
+
+    def rule_of(self, module: nn.Module) -> ModuleRule:
+        rule = self._rules.get(module)
+        if rule is None:
+            rule = self._rules[module] = rule_for(module)
+        return rule
+
+
+def _use(activations, g: torch.Tensor, call, batch_dim: int) -> Use:
+    return Use(list(activations), g, call, batch_dim)
+
+
+class SketchRules(_Mode):
+    """TensorSketch / CountSketch features of size ``m`` (see :mod:`sdi.sketch`).
+
+    Args:
+        params: the parameters, in table-drawing order (the featuriser passes model order).
+        m, seed, backend: the sketch.
+        owners: the module owning each parameter (parallel to ``params``): its rule draws the
+            table. Without owners, a 2-D parameter is taken for a Linear/Embedding weight
+            (TensorSketch) and any other for a vector (CountSketch).
+        rules: module -> rule, overriding the registry for those modules.
+    """
+
+    exact = False
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        m: int,
+        seed: int,
+        backend: SketchBackend,
+        owners: Sequence[nn.Module] | None = None,
+        rules: dict[nn.Module, ModuleRule] | None = None,
+    ):
+        """Draw one table per parameter, in the order given, from ``torch.Generator().manual_seed(seed)``."""
+        if int(m) <= 0:
+            raise ValueError(f"projection_size must be positive, got {m}")
+        super().__init__(owners, rules)
+        self.m = int(m)
+        self.backend = backend
+        generator = torch.Generator().manual_seed(int(seed))
+        self.tables: dict[nn.Parameter, CountSketchHash | TensorSketchHash] = {}
+        for i, p in enumerate(params):
+            if owners is not None:
+                table = self.rule_of(owners[i]).draw_table(owners[i], p, self.m, generator)
+            elif p.dim() == 2:
+                table = draw_tensor_sketch(p.shape[0], p.shape[1], self.m, generator)
+            else:
+                table = draw_count_sketch(p.numel(), self.m, generator)
+            self.tables[p] = table.to(p.device)
+        self._signed_index: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]] = {}
+        # One (B, d_out, d_in) gradient buffer per explicit-path weight, reused by every batch:
+        # allocating it afresh costs page faults comparable to the matmul that fills it.
+        self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
+
+    def width(self, param: nn.Parameter) -> int:
+        return self.m
+
+    def prefers_explicit(
+        self, param: nn.Parameter, tokens: int, device: torch.device, batch: int = 1
+    ) -> bool:
+        """Whether the Linear weight ``param`` is cheaper to sketch from its materialised gradient.
+
+        ``tokens`` per example, ``batch`` examples. Only for CPU tensors under a backend that runs
+        the CPU fast paths (:attr:`SketchBackend.runs_cpu_fast_paths`; the constants are CPU
+        timings, and an explicit ``SDI_BACKEND=triton`` keeps its kernels, also in the CPU
+        interpreter); the cost model and its memory cap are :func:`sdi.rules.linear.explicit_is_cheaper`.
+        """
+        if device.type != "cpu" or not self.backend.runs_cpu_fast_paths:
+            return False
+        d_out, d_in = param.shape
+        return explicit_is_cheaper(d_out, d_in, tokens, batch, self.m)
+
+    def weight_grads(
+        self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, *, add: bool = False
+    ) -> torch.Tensor:
+        """``param``'s per-example gradients ``(B, d_out, d_in)`` in its reused buffer (added to it if ``add``)."""
+        buffer = self._grad_buffers.get(param)
+        if buffer is None or buffer.shape[0] != a.shape[0] or buffer.device != a.device:
+            buffer = self._grad_buffers[param] = torch_ops.linear_weight_grads(a, g)
+            return buffer
+        return torch_ops.linear_weight_grads(a, g, buffer, add=add)
+
+    def sketch_dense(self, param: nn.Parameter, phi: torch.Tensor) -> torch.Tensor:
+        """Sketch explicit gradients ``phi (B, d_out, d_in)`` fp32 of ``param`` -> ``(B, m)``."""
+        if param not in self._signed_index:
+            index = torch_ops.signed_index(self.tables[param])
+            # Both memory layouts that linear_weight_grads returns, so neither is copied per call.
+            self._signed_index[param] = (index, index.t().contiguous().t())
+        index, transposed = self._signed_index[param]
+        return torch_ops.sketch_dense(phi, index if phi.is_contiguous() else transposed, self.m)
+
+    def features(
+        self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0
+    ) -> list[torch.Tensor]:
+        """One ``(B, m)`` sketch per param of one use: ``activations`` (the positional tensor
+        inputs) and ``g`` (the first output's grad) batch first; ``call`` (:class:`sdi.hooks.Call`)
+        for rules that recompute the forward."""
+        use = _use(activations, g, call, batch_dim)
+        return self.rule_of(module).sketch(self, module, params, use)
+
+    def step_sums(self) -> StepSums:
+        """An accumulator of the features summed over all uses of one backward pass."""
+        return StepSums(self)
+
+
+class StepSums:
+    """``sum_t`` of the features of every use in one backward pass, summed in the cheapest place.
+
+    Sketches are linear, so ``sum_t S(phi_t) = S(sum_t phi_t)``. Each rule's ``add_step`` decides:
+    what is cheap to add stays unsketched until :meth:`sketches` (per-example gradients of
+    explicit-path Linear weights ``(B, d_out, d_in)``, added to by the batched matmul itself; biases
+    and Opacus-covered parameters ``(B, numel)``), hashed once per pass instead of once per use; the
+    other rules add their per-use sketches.
+    """
+
+    def __init__(self, rules: SketchRules):
+        self.rules = rules
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._sketches: dict[nn.Parameter, torch.Tensor] = {}
+
+    @staticmethod
+    def _add(sums: dict, param: nn.Parameter, value: torch.Tensor) -> None:
+        if param in sums:
+            sums[param] += value
+        else:
+            sums[param] = value.to(torch.float32)
+
+    def add_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a dense per-example gradient ``(B, numel)`` or ``(B, d_out, d_in)``."""
+        self._add(self._grads, param, grad)
+
+    def set_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        """Hold ``grad`` as ``param``'s running sum (a buffer the rule added to in place)."""
+        self._grads[param] = grad
+
+    def has_grad(self, param: nn.Parameter) -> bool:
+        return param in self._grads
+
+    def add_sketch(self, param: nn.Parameter, sketch: torch.Tensor) -> None:
+        """Add a ``(B, m)`` sketch."""
+        self._add(self._sketches, param, sketch)
+
+    def add(self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0):
+        """Add one use (arguments as for :meth:`SketchRules.features`)."""
+        use = _use(activations, g, call, batch_dim)
+        self.rules.rule_of(module).add_step(self, module, params, use)
+
+    @torch.no_grad()
+    def sketches(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(param, (B, m) fp32)`` for every parameter seen; empties the accumulator."""
+        out = list(self._sketches.items())
+        for p, grad in self._grads.items():
+            if grad.dim() == 3:
+                out.append((p, self.rules.sketch_dense(p, grad)))
+            else:
+                out.append((p, self.rules.backend.count_sketch(grad, self.rules.tables[p])))
+        self._grads, self._sketches = {}, {}
+        return out
+
+
+class ExactRules(_Mode):
+    """The per-example, per-use gradients themselves, flattened to ``(B, numel)``.
+
+    ``owners`` / ``rules`` as for :class:`SketchRules`.
+    """
+
+    exact = True
+
+    def __init__(
+        self,
+        owners: Sequence[nn.Module] | None = None,
+        rules: dict[nn.Module, ModuleRule] | None = None,
+    ):
+        super().__init__(owners, rules)
+
+    def width(self, param: nn.Parameter) -> int:
+        return param.numel()
+
+    def features(
+        self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0
+    ) -> list[torch.Tensor]:
+        use = _use(activations, g, call, batch_dim)
+        return self.rule_of(module).grads(module, params, use)
