@@ -42,11 +42,8 @@ try:
     from sdi import ProjectedTracInSDI  # noqa: E402
     from sdi.kernels import torch_ops  # noqa: E402
     from sdi.kernels.count_sketch import count_sketch  # noqa: E402
-    from sdi.kernels.tensor_sketch import (  # noqa: E402
-        DEFAULT_PATH,
-        tensor_sketch_embedding,
-        tensor_sketch_linear,
-    )
+    from sdi.kernels.embedding import tensor_sketch_embedding  # noqa: E402
+    from sdi.kernels.linear import DEFAULT_PATH, tensor_sketch_linear  # noqa: E402
     from sdi.sketch import draw_count_sketch, draw_tensor_sketch  # noqa: E402
     from sdi.toy import LoopedTransformer, next_token_loss  # noqa: E402
 except ImportError as err:

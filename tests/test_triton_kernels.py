@@ -22,12 +22,9 @@ pytest.importorskip("triton")
 from sdi import backend  # noqa: E402
 from sdi.kernels import torch_ops  # noqa: E402
 from sdi.kernels.count_sketch import count_sketch  # noqa: E402
-from sdi.kernels.tensor_sketch import (  # noqa: E402
-    FUSED_MAX_M,
-    spectrum_dot,
-    tensor_sketch_embedding,
-    tensor_sketch_linear,
-)
+from sdi.kernels.embedding import tensor_sketch_embedding  # noqa: E402
+from sdi.kernels.linear import FUSED_MAX_M, tensor_sketch_linear  # noqa: E402
+from sdi.kernels.linear_simple import spectrum_dot  # noqa: E402
 from sdi.sketch import (  # noqa: E402
     draw_count_sketch,
     draw_tensor_sketch,
