@@ -16,16 +16,32 @@ from __future__ import annotations
 import torch
 
 from ..sketch import TensorSketchHash
+from . import roofline
 from .linear_fused import FUSED_MAX_M, FUSED_MIN_M, linear_fused
 from .linear_simple import linear_simple
 from .utils import check_out, check_table, check_tensor_tables
 
-# Default path. "simple" is the default because it is the robust one: cuFFT and two memory-bound
-# kernels, correct for every m, and the fused kernel has not yet been timed on a GPU.
-DEFAULT_PATH = "simple"
 PATHS = ("simple", "fused")
 
-__all__ = ["DEFAULT_PATH", "FUSED_MAX_M", "FUSED_MIN_M", "PATHS", "tensor_sketch_linear"]
+# The shape at which the two paths are compared until a GPU measures (DESIGN.md section 5).
+PAPER_SHAPE = (8, 2048, 4096, 4096)
+
+
+def default_path(m: int) -> str:
+    """The Linear path used when the caller names none, for sketch size ``m``.
+
+    Rule (until a GPU run of ``bench/gpu.sh`` measures both): ``"fused"`` where it supports ``m``
+    and the compile-time roofline (:mod:`sdi.kernels.roofline`, tabled in
+    bench/results/kernels.md) predicts it faster than ``"simple"`` at the paper-like shape
+    ``B=8, T=2048, d_in=d_out=4096``; ``"simple"`` otherwise. The fused kernel reads its inputs
+    once, the simple path moves its sketches and spectra through HBM four times more.
+    """
+    fused = roofline.linear_estimate("fused", *PAPER_SHAPE, m)
+    simple = roofline.linear_estimate("simple", *PAPER_SHAPE, m)
+    return "fused" if fused is not None and fused.ms < simple.ms else "simple"
+
+
+__all__ = ["FUSED_MAX_M", "FUSED_MIN_M", "PATHS", "default_path", "tensor_sketch_linear"]
 
 
 def tensor_sketch_linear(
@@ -33,7 +49,7 @@ def tensor_sketch_linear(
     g: torch.Tensor,
     table: TensorSketchHash,
     *,
-    path: str = DEFAULT_PATH,
+    path: str | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TensorSketch of per-example Linear weight gradients ``G_b^T A_b``, never materialised.
@@ -41,10 +57,13 @@ def tensor_sketch_linear(
     a: ``(B, T, d_in)`` activations; g: ``(B, T, d_out)`` grad-outputs (fp32/fp16/bf16, same
     device as ``table``). Returns ``(B, m)`` fp32,
     ``irfft(sum_T rfft(CS_out(g)) * rfft(CS_in(a)))``, as
-    :func:`sdi.kernels.torch_ops.tensor_sketch_linear`. ``path``: ``"simple"`` (any m) or
-    ``"fused"`` (m a power of two in [16, 4096]); see the module docstring. ``out``, if given, is a
+    :func:`sdi.kernels.torch_ops.tensor_sketch_linear`. ``path``: ``"simple"`` (any m),
+    ``"fused"`` (m a power of two in [16, 4096]), or None for :func:`default_path`; see the
+    module docstring. ``out``, if given, is a
     contiguous fp32 ``(B, m)`` tensor that receives the result.
     """
+    if path is None:
+        path = default_path(table.m)
     if path not in PATHS:
         raise ValueError(f"tensor_sketch_linear: path must be one of {PATHS}, got {path!r}")
     check_tensor_tables(table)

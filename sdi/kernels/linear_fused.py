@@ -1,9 +1,10 @@
 """The fused TensorSketch path of a Linear use: on-chip CountSketch + four-step DFT, one kernel.
 
-One kernel per (example, token chunk) reads each token's activation and grad-output row once,
-count-sketches both on chip (a gather through the padded bucket lists), and transforms them
-together with a four-step DFT on ``tl.dot`` (real and imaginary parts kept separate). Two real
-signals share one complex transform: with ``z = c_a + i*alpha*c_g`` and ``Z = DFT(z)``::
+Each program owns one example and a chunk of its tokens, and walks the chunk ``BLOCK_T`` tokens at
+a time: it reads each token's activation and grad-output row once, count-sketches both on chip
+(:func:`sdi.kernels.utils.gather_bucket_sum`), and transforms the whole token block with two
+``tl.dot`` tile products (real and imaginary parts kept separate). Two real signals share one
+complex transform: with ``z = c_a + i*alpha*c_g`` and ``Z = DFT(z)``::
 
     A[k] * G[k] = (Z[k]^2 - conj(Z[-k])^2) / (4i alpha)
 
@@ -18,103 +19,189 @@ Four-step DFT (``m = m1*m2``, ``n = m2*n1 + n2``, ``k = k1 + m1*k2``, ``w_q = ex
 
     X[k1 + m1 k2] = sum_n2 w_m2^(n2 k2) * w_m^(n2 k1) * sum_n1 w_m1^(n1 k1) * c[m2 n1 + n2]
 
-i.e. with ``C[n2, n1] = c[m2 n1 + n2]``: ``P = C @ F1``, ``Q = P * Tw``, ``X = F2 @ Q``, where
-``F1 (m1, m1)``, ``F2 (m2, m2)`` and ``Tw[n2, k1] = w_m^(n2 k1)`` are cached per ``(m, device)``,
-and ``X[k2, k1]`` is the spectrum at ``k = k1 + m1 k2``: row-major order, no transposes.
+A token block is held as ``C[n1, (t, n2)] = c_t[m2 n1 + n2]``, an ``(m1, BLOCK_T*m2)`` tile (the
+natural row-major view of each ``c_t``, tokens side by side), so that both products are plain
+tiles with the tokens stacked into a matrix dimension and no transpose anywhere::
+
+    P = F1 @ C                  (m1, m1) @ (m1, BLOCK_T*m2)      tokens along N
+    Q = P * Tw[k1, n2]          the twiddle, broadcast over tokens
+    X = Q.view(m1*BLOCK_T, m2) @ F2                              tokens along M
+
+``X[(k1, t), k2]`` is token ``t``'s spectrum at ``k = k1 + m1 k2``. ``F1``, ``F2`` (symmetric) and
+``Tw`` are cached per ``(m, device)`` and read from global memory (L2) per token block, not held in
+registers across the loop.
+
+Precision: the products run on bf16 tensor cores as three passes (``x = hi + lo`` with ``hi``,
+``lo`` bf16; ``x y ~ hi_x hi_y + hi_x lo_y + lo_x hi_y``, accumulated in fp32), about 2^-16
+relative error per product -- near fp32 accuracy at the bf16 rate, twice the TF32 rate. The
+interpreter (no bf16 dot) runs the same split with the parts held in fp32.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..sketch import CountSketchHash, TensorSketchHash
-from .utils import GATHER_UNROLL, bucket_codes, gather_bucket_sum, table_cache, token_splits
+from ..sketch import TensorSketchHash
+from .utils import bucket_codes, gather_bucket_sum, token_splits
 
 FUSED_MIN_M = 16
 FUSED_MAX_M = 4096
 
-# Precision of the fused path's fp32 DFT products on tensor cores: three TF32 passes give about
-# fp32 accuracy (plain "tf32" would cost ~1e-3 relative error for a third of the tensor-core work).
-_DFT_PRECISION = "tf32x3"
 
-_DFT_CACHE: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+class FusedConfig(NamedTuple):
+    BLOCK_T: int  # tokens per block: stacked into the DFT tiles
+    BLOCK_K: int  # rows n1 of C gathered (and columns of F1 read) per step of the first product
+    UNROLL: int  # bucket slots gathered per loop step (each code load feeds BLOCK_T value loads)
+    num_warps: int
 
 
-def _fused_factors(m: int) -> tuple[int, int]:
-    """``m = m1 * m2`` with ``m1 >= m2``, both powers of two, as square as possible."""
+# Largest m2: F2 (m2 x m2, four bf16 parts) is the B operand of the second product for the whole
+# loop; at m2 = 64 it alone takes 32 registers per thread of 8 warps and m = 4096 spills.
+# F1 is streamed in K-blocks, so a longer m1 costs FLOP (8 m (m1 + m2) per token), not registers.
+MAX_M2 = 32
+
+
+def fused_factors(m: int) -> tuple[int, int]:
+    """``m = m1 * m2`` with ``m1 >= m2``, both powers of two, as square as possible with
+    ``m2 <= MAX_M2``."""
     p = int(math.log2(m))
-    return 1 << (p - p // 2), 1 << (p // 2)
+    m2 = min(1 << (p // 2), MAX_M2)
+    return m // m2, m2
 
 
-def _dft_constants(m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(f1_re, f1_im, f2_re, f2_im, tw_re, tw_im, neg_k)`` for the four-step DFT, cached.
+def fused_config(m: int) -> FusedConfig:
+    """The launch configuration :func:`linear_fused` uses for sketch size ``m`` (also what
+    bench/kernel_report.py compiles and tests/test_kernel_compile.py checks).
 
-    ``F1 (m1, m1)``, ``F2 (m2, m2)``, ``Tw (m2, m1)`` as fp32; angles are reduced exactly in
-    integers mod the transform length before the float64 sin/cos. ``neg_k (m//2 + 1,)`` int64 is
-    ``(-k) mod m``, used by the epilogue.
+    Chosen from the compile-time report (bench/results/kernels.md): zero spills, and as many
+    resident warps per SM as the registers allow. ``BLOCK_T * m2 >= 16`` keeps ``tl.dot``'s N
+    dimension legal; ``BLOCK_K = 16`` is the smallest legal K. Below m = 256 (``m2 < 16``) the
+    products are broadcast-and-sum on CUDA cores, one K-block.
     """
-    key = (m, str(device))
+    m1, m2 = fused_factors(m)
+    if m2 < 16:
+        return FusedConfig(BLOCK_T=max(16 // m2, 2), BLOCK_K=m1, UNROLL=2, num_warps=4)
+    return FusedConfig(**_FUSED_TABLE[m])
+
+
+# Per m: the zero-spill point with the most resident warps found by sweeping BLOCK_T in {1, 2, 4}
+# and 4/8/16 warps with ptxas -v for sm_90a (bench/results/kernels.md lists the result).
+_FUSED_TABLE = {
+    256: dict(BLOCK_T=4, BLOCK_K=16, UNROLL=1, num_warps=4),
+    512: dict(BLOCK_T=1, BLOCK_K=16, UNROLL=1, num_warps=8),
+    1024: dict(BLOCK_T=2, BLOCK_K=16, UNROLL=1, num_warps=4),
+    2048: dict(BLOCK_T=1, BLOCK_K=16, UNROLL=1, num_warps=4),
+    4096: dict(BLOCK_T=1, BLOCK_K=16, UNROLL=1, num_warps=8),  # as 128 x 32 (MAX_M2)
+}
+
+
+def check_fused_m(m: int) -> None:
+    if m & (m - 1) or not FUSED_MIN_M <= m <= FUSED_MAX_M:
+        raise ValueError(
+            f"tensor_sketch_linear(path='fused') needs m a power of two in "
+            f"[{FUSED_MIN_M}, {FUSED_MAX_M}], got m={m}; use path='simple' (any m)"
+        )
+
+
+def _bf16_split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x ~ hi + lo`` with ``hi``, ``lo`` bf16-representable, stored as ``dtype``."""
+    hi = x.to(torch.bfloat16)
+    lo = (x - hi.to(x.dtype)).to(torch.bfloat16)
+    return hi.to(dtype).contiguous(), lo.to(dtype).contiguous()
+
+
+_DFT_CACHE: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+
+def dft_constants(m: int, device: torch.device, dot_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The four-step DFT factors, cached per ``(m, device, dot_dtype)``.
+
+    Returns ``(f1, f2, tw)``: ``f1 (4, m1, m1)`` and ``f2 (4, m2, m2)`` in ``dot_dtype`` hold the
+    hi/lo parts of ``Re F`` and ``Im F`` (in that order, hi then lo; below ``m2 = 16``, where no
+    ``tl.dot`` runs, the fp32 factor and zeros);
+    ``tw (2, m1, m2)`` fp32 holds ``Re``, ``Im`` of ``Tw[k1, n2] = w_m^(n2 k1)``. Angles are reduced
+    exactly in integers mod the transform length before the float64 sin/cos.
+    """
+    key = (m, str(device), dot_dtype)
     if key not in _DFT_CACHE:
-        m1, m2 = _fused_factors(m)
+        m1, m2 = fused_factors(m)
 
         def unit_roots(rows: int, cols: int, q: int) -> tuple[torch.Tensor, torch.Tensor]:
             exponent = (torch.arange(rows)[:, None] * torch.arange(cols)[None, :]) % q
             angle = exponent.to(torch.float64) * (-2.0 * math.pi / q)
-            return (
-                torch.cos(angle).to(device=device, dtype=torch.float32).contiguous(),
-                torch.sin(angle).to(device=device, dtype=torch.float32).contiguous(),
-            )
+            return torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
 
-        neg_k = ((-torch.arange(m // 2 + 1)) % m).to(device)
+        def split_parts(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+            if m2 < 16:  # no tl.dot: fp32 products on CUDA cores, the factor itself and lo = 0
+                return torch.stack([re, re * 0, im, im * 0]).to(device).contiguous()
+            parts = [p for x in (re, im) for p in _bf16_split(x, dot_dtype)]
+            return torch.stack(parts).to(device).contiguous()
+
+        tw = torch.stack(unit_roots(m1, m2, m)).to(device).contiguous()
         _DFT_CACHE[key] = (
-            *unit_roots(m1, m1, m1),
-            *unit_roots(m2, m2, m2),
-            *unit_roots(m2, m1, m),
-            neg_k,
+            split_parts(*unit_roots(m1, m1, m1)),
+            split_parts(*unit_roots(m2, m2, m2)),
+            tw,
         )
     return _DFT_CACHE[key]
 
 
-def _fused_codes(table: CountSketchHash, m1: int, m2: int) -> tuple[torch.Tensor, int]:
-    """Bucket lists laid out for the four-step input, ``(width, m2, m1)`` int32, cached per table:
-    ``[slot, n2, n1]`` lists bucket ``m2*n1 + n2``."""
-    entry = table_cache(table)
-    key = ("codes_four_step", m1, m2)
-    if key not in entry:
-        codes, width = bucket_codes(table)
-        entry[key] = (codes.view(width, m1, m2).transpose(1, 2).contiguous(), width)
-    return entry[key]
+@triton.jit
+def _split(x, DOT_DTYPE: tl.constexpr, USE_DOT: tl.constexpr):
+    """``x ~ hi + lo``, both bf16-representable, as ``DOT_DTYPE`` (the operands of the passes);
+    without ``tl.dot`` (fp32 CUDA cores) ``x`` itself and a zero ``lo``: nothing to lose."""
+    if USE_DOT:
+        hi = x.to(tl.bfloat16).to(tl.float32)
+        lo = (x - hi).to(tl.bfloat16).to(tl.float32)
+    else:
+        hi = x
+        lo = x * 0.0
+    return hi.to(DOT_DTYPE), lo.to(DOT_DTYPE)
 
 
 @triton.jit
-def _mm(x, y, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """``x @ y`` for fp32 tiles; ``tl.dot`` needs every dimension >= 16, tiny ones use a sum."""
+def _mm3(x_hi, x_lo, y_hi, y_lo, acc, USE_DOT: tl.constexpr):
+    """``acc + x @ y`` from the hi/lo parts: three tensor-core passes (the lo*lo term dropped);
+    without ``tl.dot`` (a dimension < 16) one fp32 broadcast-and-sum (``lo`` is then 0)."""
     if USE_DOT:
-        prod = tl.dot(x, y, input_precision=PRECISION)
+        acc = tl.dot(x_hi, y_hi, acc, input_precision="ieee")
+        acc = tl.dot(x_hi, y_lo, acc, input_precision="ieee")
+        acc = tl.dot(x_lo, y_hi, acc, input_precision="ieee")
     else:
-        prod = tl.sum(x[:, :, None] * y[None, :, :], axis=1)
-    return prod
+        x = x_hi.to(tl.float32) + x_lo.to(tl.float32)
+        y = y_hi.to(tl.float32) + y_lo.to(tl.float32)
+        acc += tl.sum(x[:, :, None] * y[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _load_parts(ptr, offs, SIZE: tl.constexpr):
+    """The hi/lo parts of ``Re F`` and ``Im F`` stored by :func:`dft_constants`."""
+    re_hi = tl.load(ptr + offs)
+    re_lo = tl.load(ptr + SIZE + offs)
+    im_hi = tl.load(ptr + 2 * SIZE + offs)
+    im_lo = tl.load(ptr + 3 * SIZE + offs)
+    return re_hi, re_lo, im_hi, im_lo
 
 
 @triton.jit
 def _fused_linear_kernel(
     a_ptr,  # (B, T, d_in) contiguous
     g_ptr,  # (B, T, d_out) contiguous
-    codes_a_ptr,  # (width_a, M2, M1) int32
-    codes_g_ptr,  # (width_g, M2, M1) int32
+    codes_a_ptr,  # (width_a, m) int32 bucket lists of table.inp
+    codes_g_ptr,  # (width_g, m) int32 bucket lists of table.out
     width_a,
     width_g,
-    f1r_ptr,
-    f1i_ptr,
-    f2r_ptr,
-    f2i_ptr,
-    twr_ptr,
-    twi_ptr,
-    part_ptr,  # (B, n_chunks, 2, M) fp32: S = sum_t Z_t^2 / alpha_t, real plane then imaginary
+    f1_ptr,  # (4, M1, M1) DOT_DTYPE: hi/lo of Re F1, Im F1
+    f2_ptr,  # (4, M2, M2) DOT_DTYPE
+    tw_ptr,  # (2, M1, M2) fp32: Re, Im of the twiddles
+    part_ptr,  # (B, n_chunks, 2, M1, M2) fp32: S = sum_t Z_t^2 / alpha_t at k = k1 + M1 k2
     T,
     d_in,
     d_out,
@@ -122,80 +209,120 @@ def _fused_linear_kernel(
     tokens_per_chunk,
     M1: tl.constexpr,
     M2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     r1 = tl.arange(0, M1)
     r2 = tl.arange(0, M2)
-    offs = r2[:, None] * M1 + r1[None, :]  # (M2, M1) row-major, also the spectrum order
-    f1 = r1[:, None] * M1 + r1[None, :]
-    f2 = r2[:, None] * M2 + r2[None, :]
-    f1r = tl.load(f1r_ptr + f1)
-    f1i = tl.load(f1i_ptr + f1)
-    f2r = tl.load(f2r_ptr + f2)
-    f2i = tl.load(f2i_ptr + f2)
-    twr = tl.load(twr_ptr + offs)
-    twi = tl.load(twi_ptr + offs)
-    s_re = tl.zeros((M2, M1), dtype=tl.float32)
-    s_im = tl.zeros((M2, M1), dtype=tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    rt = tl.arange(0, BLOCK_T)
+    f2_offs = r2[:, None] * M2 + r2[None, :]
+    tw_offs = r1[:, None, None] * M2 + r2[None, None, :]
+    s_re = tl.zeros((M1, M2), dtype=tl.float32)
+    s_im = tl.zeros((M1, M2), dtype=tl.float32)
     t_lo = chunk * tokens_per_chunk
     t_hi = tl.minimum(t_lo + tokens_per_chunk, T)
-    for t in range(t_lo, t_hi):
-        row = (b * T + t).to(tl.int64)
-        zero = tl.zeros((M2, M1), dtype=tl.float32)
-        c_a = gather_bucket_sum(
-            zero, a_ptr + row * d_in, offs >= 0, codes_a_ptr, offs, M1 * M2, width_a, UNROLL
-        )
-        c_g = gather_bucket_sum(
-            zero, g_ptr + row * d_out, offs >= 0, codes_g_ptr, offs, M1 * M2, width_g, UNROLL
-        )
-        # alpha = 2^trunc(log2(|c_a| / |c_g|)): a power of two, exact to multiply and divide by.
-        ss_a = tl.sum(tl.sum(c_a * c_a, axis=1), axis=0)
-        ss_g = tl.sum(tl.sum(c_g * c_g, axis=1), axis=0)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        tok = t0 + rt
+        tok_ok = (tok < t_hi)[None, :, None]
+        rows = (b * T + tok).to(tl.int64)[None, :, None]
+        # Step 1 per K-block of n1: gather C_a, C_g rows n1 in the block (every input element is
+        # read once), multiply by that K-slice of F1. The two sides are transformed separately
+        # (P_a = F1 @ C_a, P_g = F1 @ C_g: the same four real products as one packed complex
+        # one) so that alpha, known only after the last block, is applied afterwards.
+        pa_re = tl.zeros((M1, BLOCK_T * M2), dtype=tl.float32)
+        pa_im = tl.zeros((M1, BLOCK_T * M2), dtype=tl.float32)
+        pg_re = tl.zeros((M1, BLOCK_T * M2), dtype=tl.float32)
+        pg_im = tl.zeros((M1, BLOCK_T * M2), dtype=tl.float32)
+        ss_a = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        ss_g = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k0 in range(0, M1, BLOCK_K):
+            n1 = k0 + rk
+            bucket = n1[:, None, None] * M2 + r2[None, None, :]  # C[n1, t, n2] = c_t[M2 n1 + n2]
+            zero = tl.zeros((BLOCK_K, BLOCK_T, M2), dtype=tl.float32)
+            c_a = gather_bucket_sum(
+                zero, a_ptr + rows * d_in, tok_ok, codes_a_ptr, bucket, M1 * M2, width_a, UNROLL
+            )
+            c_g = gather_bucket_sum(
+                zero, g_ptr + rows * d_out, tok_ok, codes_g_ptr, bucket, M1 * M2, width_g, UNROLL
+            )
+            ss_a += tl.sum(tl.sum(c_a * c_a, axis=2), axis=0)
+            ss_g += tl.sum(tl.sum(c_g * c_g, axis=2), axis=0)
+            ca_hi, ca_lo = _split(tl.reshape(c_a, (BLOCK_K, BLOCK_T * M2)), DOT_DTYPE, USE_DOT)
+            cg_hi, cg_lo = _split(tl.reshape(c_g, (BLOCK_K, BLOCK_T * M2)), DOT_DTYPE, USE_DOT)
+            f1_offs = r1[:, None] * M1 + n1[None, :]
+            fr_h, fr_l, fi_h, fi_l = _load_parts(f1_ptr, f1_offs, M1 * M1)
+            pa_re = _mm3(fr_h, fr_l, ca_hi, ca_lo, pa_re, USE_DOT)
+            pa_im = _mm3(fi_h, fi_l, ca_hi, ca_lo, pa_im, USE_DOT)
+            pg_re = _mm3(fr_h, fr_l, cg_hi, cg_lo, pg_re, USE_DOT)
+            pg_im = _mm3(fi_h, fi_l, cg_hi, cg_lo, pg_im, USE_DOT)
+        # alpha = 2^trunc(log2(|c_a| / |c_g|)) per token: a power of two, exact to scale by.
         both = (ss_a > 0) & (ss_g > 0)
         log_ratio = 0.5 * (tl.log2(tl.where(both, ss_a, 1.0)) - tl.log2(tl.where(both, ss_g, 1.0)))
         log_ratio = tl.minimum(tl.maximum(log_ratio, -64.0), 64.0)
-        alpha = tl.exp2(log_ratio.to(tl.int32).to(tl.float32))
-        c_i = c_g * alpha
-        # P = C @ F1 (complex C = c_a + i c_i)
-        p_re = _mm(c_a, f1r, USE_DOT, PRECISION) - _mm(c_i, f1i, USE_DOT, PRECISION)
-        p_im = _mm(c_a, f1i, USE_DOT, PRECISION) + _mm(c_i, f1r, USE_DOT, PRECISION)
-        # Q = P * Tw
-        q_re = p_re * twr - p_im * twi
-        q_im = p_re * twi + p_im * twr
-        # X = F2 @ Q
-        x_re = _mm(f2r, q_re, USE_DOT, PRECISION) - _mm(f2i, q_im, USE_DOT, PRECISION)
-        x_im = _mm(f2r, q_im, USE_DOT, PRECISION) + _mm(f2i, q_re, USE_DOT, PRECISION)
-        # A token with an all-zero side contributes exactly nothing; skipping it also keeps the
-        # rounding noise of its unbalanced square (e.g. the last position's zero grad) out of S.
-        inv_alpha = tl.where(both, 1.0 / alpha, 0.0)
-        s_re += (x_re * x_re - x_im * x_im) * inv_alpha
-        s_im += 2.0 * x_re * x_im * inv_alpha
-    dst = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (2 * M1 * M2) + offs
+        alpha = tl.exp2(log_ratio.to(tl.int32).to(tl.float32))[None, :, None]
+        # A token with an all-zero side (or past the chunk) contributes exactly nothing; skipping
+        # it keeps the rounding noise of its unbalanced square out of S.
+        inv_alpha = tl.where(both[None, :, None], 1.0 / alpha, 0.0)
+        # P = P_a + i alpha P_g (the DFT of z = c_a + i alpha c_g), then Q = P * Tw
+        pa_re = tl.reshape(pa_re, (M1, BLOCK_T, M2))
+        pa_im = tl.reshape(pa_im, (M1, BLOCK_T, M2))
+        pg_re = tl.reshape(pg_re, (M1, BLOCK_T, M2))
+        pg_im = tl.reshape(pg_im, (M1, BLOCK_T, M2))
+        p_re = pa_re - alpha * pg_im
+        p_im = pa_im + alpha * pg_re
+        tw_re = tl.load(tw_ptr + tw_offs)
+        tw_im = tl.load(tw_ptr + M1 * M2 + tw_offs)
+        q_re = tl.reshape(p_re * tw_re - p_im * tw_im, (M1 * BLOCK_T, M2))
+        q_im = tl.reshape(p_re * tw_im + p_im * tw_re, (M1 * BLOCK_T, M2))
+        q_re_hi, q_re_lo = _split(q_re, DOT_DTYPE, USE_DOT)
+        q_im_hi, q_im_lo = _split(q_im, DOT_DTYPE, USE_DOT)
+        # X = Q @ F2 (tokens stacked along M); the minus sign on an operand is exact
+        fr_h, fr_l, fi_h, fi_l = _load_parts(f2_ptr, f2_offs, M2 * M2)
+        x_re = tl.zeros((M1 * BLOCK_T, M2), dtype=tl.float32)
+        x_re = _mm3(q_re_hi, q_re_lo, fr_h, fr_l, x_re, USE_DOT)
+        x_re = _mm3(-q_im_hi, -q_im_lo, fi_h, fi_l, x_re, USE_DOT)
+        x_im = tl.zeros((M1 * BLOCK_T, M2), dtype=tl.float32)
+        x_im = _mm3(q_re_hi, q_re_lo, fi_h, fi_l, x_im, USE_DOT)
+        x_im = _mm3(q_im_hi, q_im_lo, fr_h, fr_l, x_im, USE_DOT)
+        x_re = tl.reshape(x_re, (M1, BLOCK_T, M2))
+        x_im = tl.reshape(x_im, (M1, BLOCK_T, M2))
+        s_re += tl.sum((x_re * x_re - x_im * x_im) * inv_alpha, axis=1)
+        s_im += tl.sum(2.0 * x_re * x_im * inv_alpha, axis=1)
+    s_offs = r1[:, None] * M2 + r2[None, :]
+    dst = part_ptr + (b * n_chunks + chunk).to(tl.int64) * (2 * M1 * M2) + s_offs
     tl.store(dst, s_re)
     tl.store(dst + M1 * M2, s_im)
+
+
+def dot_dtype(device: torch.device) -> torch.dtype:
+    """bf16 operands on a GPU; fp32 holding the same bf16 values in the interpreter (no bf16 dot)."""
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.bfloat16
+    return torch.float32
 
 
 def linear_fused(
     a: torch.Tensor, g: torch.Tensor, table: TensorSketchHash, out: torch.Tensor
 ) -> torch.Tensor:
+    """TensorSketch of ``G_b^T A_b`` into ``out (B, m)`` fp32; a, g contiguous, checked, T > 0."""
     m = table.m
-    if m & (m - 1) or not FUSED_MIN_M <= m <= FUSED_MAX_M:
-        raise ValueError(
-            f"tensor_sketch_linear(path='fused') needs m a power of two in "
-            f"[{FUSED_MIN_M}, {FUSED_MAX_M}], got m={m}; use path='simple' (any m)"
-        )
+    check_fused_m(m)
     n_b, n_t, d_in = a.shape
     d_out = g.shape[-1]
-    m1, m2 = _fused_factors(m)
-    f1r, f1i, f2r, f2i, twr, twi, neg_k = _dft_constants(m, a.device)
-    codes_a, width_a = _fused_codes(table.inp, m1, m2)
-    codes_g, width_g = _fused_codes(table.out, m1, m2)
-    n_chunks, per_chunk = token_splits(n_t, n_b, a.device)
-    part = torch.empty(n_b, n_chunks, 2, m, dtype=torch.float32, device=a.device)
+    m1, m2 = fused_factors(m)
+    cfg = fused_config(m)
+    operand = dot_dtype(a.device) if m2 >= 16 else torch.float32
+    f1, f2, tw = dft_constants(m, a.device, operand)
+    codes_a, width_a = bucket_codes(table.inp)
+    codes_g, width_g = bucket_codes(table.out)
+    n_chunks, per_chunk = token_splits(n_t, n_b, a.device, multiple=cfg.BLOCK_T)
+    part = torch.empty(n_b, n_chunks, 2, m1, m2, dtype=torch.float32, device=a.device)
     _fused_linear_kernel[(n_b, n_chunks)](
         a,
         g,
@@ -203,12 +330,9 @@ def linear_fused(
         codes_g,
         width_a,
         width_g,
-        f1r,
-        f1i,
-        f2r,
-        f2i,
-        twr,
-        twi,
+        f1,
+        f2,
+        tw,
         part,
         n_t,
         d_in,
@@ -217,12 +341,16 @@ def linear_fused(
         per_chunk,
         M1=m1,
         M2=m2,
-        USE_DOT=min(m1, m2) >= 16,
-        PRECISION=_DFT_PRECISION,
-        UNROLL=GATHER_UNROLL,
-        num_warps=4 if m <= 512 else (8 if m <= 2048 else 16),
+        BLOCK_T=cfg.BLOCK_T,
+        BLOCK_K=cfg.BLOCK_K,
+        USE_DOT=m2 >= 16,
+        DOT_DTYPE=tl.bfloat16 if operand == torch.bfloat16 else tl.float32,
+        UNROLL=cfg.UNROLL,
+        num_warps=cfg.num_warps,
     )
-    s = part.sum(dim=1)  # (B, 2, m)
+    # (B, 2, m1, m2) at k = k1 + m1 k2 -> spectrum order k
+    s = part.sum(dim=1).transpose(-1, -2).reshape(n_b, 2, m)
     s = torch.complex(s[:, 0], s[:, 1])
+    neg_k = (-torch.arange(m // 2 + 1, device=a.device)) % m
     spec = (s[:, : m // 2 + 1] - s[:, neg_k].conj()) * -0.25j  # (S[k] - conj(S[-k])) / 4i
     return torch.fft.irfft(spec, n=m, dim=-1, out=out)

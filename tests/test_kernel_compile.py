@@ -1,0 +1,61 @@
+"""Every Triton kernel compiles for sm_90a (H100/H200) and sm_100a (B200) at each configuration its
+launcher picks, with zero spill bytes -- on the CPU, no GPU (:mod:`sdi.kernels.compile_check`).
+
+The configurations come from the launchers' own ``*_config`` functions, for every m in
+{16, ..., 16384} the launchers accept and every bench case; duplicates compile once (cached).
+Skipped, saying why, only where the installed Triton wheel has no ptxas for a target.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip(
+        "compiles for NVIDIA targets; not under TRITON_INTERPRET=1", allow_module_level=True
+    )
+
+from sdi.kernels import compile_check  # noqa: E402
+from sdi.kernels.linear_fused import fused_config  # noqa: E402
+
+# Row counts B*T of the GPU bench cases, and a few small ones (the count_sketch tile shrinks).
+M_VALUES = [2**p for p in range(4, 15)]
+ROWS = [1, 5, 16, 8 * 2048, 32 * 512]
+SPECS = compile_check.launch_specs(M_VALUES, ROWS)
+
+
+def test_specs_cover_every_kernel_and_fused_config():
+    kernels = {s.kernel for s in SPECS}
+    assert kernels == {"count_sketch", "spectrum_dot", "embedding", "linear_fused"}
+    fused = {s.config for s in SPECS if s.kernel == "linear_fused"}
+    assert len(fused) == len([m for m in M_VALUES if m <= 4096])  # one per supported m
+    for m in (256, 2048, 4096):
+        cfg = fused_config(m)
+        assert any(f"m={m} " in c and f"BLOCK_T={cfg.BLOCK_T}," in c for c in fused)
+
+
+@pytest.mark.parametrize("target", sorted(compile_check.TARGETS))
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kernel}[{s.config}]")
+def test_compiles_without_spills(spec, target):
+    ok, why = compile_check.ptxas_supports(compile_check.TARGETS[target])
+    if not ok:
+        pytest.skip(why)
+    stats = compile_check.compile_stats(spec, target)
+    assert stats.registers <= 255
+    assert stats.spills == 0, f"{spec.kernel} [{spec.config}] on {target}: {stats}"
+    assert stats.shared <= compile_check.SM_LIMITS["shared_per_block"]
+    ctas, _ = compile_check.occupancy(stats, spec.num_warps)
+    assert ctas >= 1
+
+
+def test_occupancy_arithmetic():
+    """Against hand-computed limits: 128 regs x 4 warps -> 4 CTAs; 255 regs x 8 warps -> 1."""
+    st = compile_check.CompileStats(128, 0, 0, 0, 0)
+    assert compile_check.occupancy(st, 4) == (4, "registers")
+    st = compile_check.CompileStats(255, 0, 0, 0, 0)
+    assert compile_check.occupancy(st, 8) == (1, "registers")
+    st = compile_check.CompileStats(32, 0, 0, 0, 100 * 1024)  # 2 x (100 + 1) KB fit in 228 KB
+    assert compile_check.occupancy(st, 4) == (2, "shared")
+    st = compile_check.CompileStats(16, 0, 0, 0, 0)
+    assert compile_check.occupancy(st, 1) == (32, "CTA slots")
