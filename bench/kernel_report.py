@@ -42,6 +42,12 @@ def kernel_table(targets) -> tuple[list[str], list[str]]:
     for spec in specs:
         for target in targets:
             t0 = time.perf_counter()
+            refused = compile_check.not_launched(spec, target)
+            if refused:
+                lines.append(
+                    f"| {spec.kernel} | {spec.config} | {target} | not launched: {refused} |"
+                )
+                continue
             try:
                 st = compile_check.compile_stats(spec, target)
             except Exception as err:  # noqa: BLE001 -- reported in the table
@@ -52,10 +58,16 @@ def kernel_table(targets) -> tuple[list[str], list[str]]:
             lines.append(
                 f"| {spec.kernel} | {spec.config} | {target} | {st.registers} "
                 f"| {st.spill_stores} / {st.spill_loads} | {st.stack} | {st.shared / 1024:.1f} "
-                f"| {ctas} | {ctas * spec.num_warps} | {bound} |"
+                f"| {ctas} | {ctas * spec.num_warps} | {bound}"
+                f"{' **(PTX is a trap)**' if st.traps else ''} |"
             )
             if st.spills:
                 problems.append(f"{spec.kernel} {spec.config} {target}: {st.spills} spill bytes")
+            if st.traps:
+                problems.append(
+                    f"{spec.kernel} {spec.config} {target}: the PTX is a `trap` "
+                    f"({st.traps}x): the compiler found undefined behaviour"
+                )
             print(
                 f"  {spec.kernel:13s} {spec.config:55s} {target}: {st.registers} regs, "
                 f"{st.spills} B spills, {time.perf_counter() - t0:.1f}s",

@@ -41,9 +41,14 @@ def test_compiles_without_spills(spec, target):
     ok, why = compile_check.ptxas_supports(compile_check.TARGETS[target])
     if not ok:
         pytest.skip(why)
+    refused = compile_check.not_launched(spec, target)
+    if refused:  # the launcher falls back to path="simple" there (tests/test_triton_kernels.py)
+        pytest.skip(f"not launched: {refused}")
     stats = compile_check.compile_stats(spec, target)
     assert stats.registers <= 255
     assert stats.spills == 0, f"{spec.kernel} [{spec.config}] on {target}: {stats}"
+    # A kernel LLVM reduced to `trap` (it proved undefined behaviour) has no spills either.
+    assert stats.traps == 0, f"{spec.kernel} [{spec.config}] on {target} compiles to a trap"
     assert stats.shared <= compile_check.SM_LIMITS["shared_per_block"]
     ctas, _ = compile_check.occupancy(stats, spec.num_warps)
     assert ctas >= 1
@@ -59,3 +64,15 @@ def test_occupancy_arithmetic():
     assert compile_check.occupancy(st, 4) == (2, "shared")
     st = compile_check.CompileStats(16, 0, 0, 0, 0)
     assert compile_check.occupancy(st, 1) == (32, "CTA slots")
+
+
+def test_fused_refusals_are_named():
+    """Sizes the fused kernel does not take, and the one (target, Triton) pair known to trap."""
+    from sdi.kernels.linear_fused import _triton_version, fused_unsupported
+
+    assert "power of two" in fused_unsupported(96)
+    assert "power of two" in fused_unsupported(8192)
+    assert fused_unsupported(4096) is None and fused_unsupported(4096, (9, 0)) is None
+    trap = fused_unsupported(4096, (10, 0))
+    assert (trap is None) == (_triton_version() >= (3, 9)), trap
+    assert fused_unsupported(2048, (10, 0)) is None

@@ -32,6 +32,7 @@ from .linear_fused import (
     _fused_linear_kernel,
     fused_config,
     fused_factors,
+    fused_unsupported,
 )
 from .linear_simple import _spectrum_dot_kernel, spectrum_dot_config
 from .utils import GATHER_UNROLL
@@ -53,6 +54,7 @@ class LaunchSpec:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int = 3  # Triton's default on NVIDIA
+    m: int | None = None  # the sketch size of a fused spec (its launcher may refuse some targets)
 
     @property
     def key(self) -> tuple:
@@ -66,6 +68,7 @@ class CompileStats:
     spill_loads: int  # bytes
     stack: int  # bytes of stack frame
     shared: int  # bytes of shared memory per CTA (Triton's metadata)
+    traps: int = 0  # `trap;` instructions in the PTX: LLVM found undefined behaviour and gave up
 
     @property
     def spills(self) -> int:
@@ -174,12 +177,20 @@ def launch_specs(
                         ("UNROLL", fc.UNROLL),
                     ),
                     fc.num_warps,
+                    m=m,
                 )
             )
     unique: dict[tuple, LaunchSpec] = {}
     for spec in specs:
         unique.setdefault(spec.key, spec)
     return list(unique.values())
+
+
+def not_launched(spec: LaunchSpec, target: str) -> str | None:
+    """Why the launcher never runs ``spec`` on ``target`` with this Triton (None: it does)."""
+    if spec.kernel != "linear_fused":
+        return None
+    return fused_unsupported(spec.m, (TARGETS[target] // 10, TARGETS[target] % 10))
 
 
 def _triton_version() -> tuple[int, int]:
@@ -266,6 +277,7 @@ def compile_stats(spec: LaunchSpec, target: str) -> CompileStats:
             check=True,
         ).stderr
     found = {k: [int(v) for v in pat.findall(log)] for k, pat in _PTXAS_LINE.items()}
+    traps = len(re.findall(r"^\s*trap;", compiled.asm["ptx"], flags=re.MULTILINE))
     if not found["registers"]:
         raise RuntimeError(f"no register count in the ptxas log of {spec.kernel}:\n{log}")
     return CompileStats(
@@ -274,6 +286,7 @@ def compile_stats(spec: LaunchSpec, target: str) -> CompileStats:
         spill_loads=sum(found["spill_loads"]),
         stack=max(found["stack"], default=0),
         shared=int(compiled.metadata.shared),
+        traps=traps,
     )
 
 

@@ -17,7 +17,13 @@ import torch
 
 from ..sketch import TensorSketchHash
 from . import roofline
-from .linear_fused import FUSED_MAX_M, FUSED_MIN_M, linear_fused
+from .linear_fused import (
+    FUSED_MAX_M,
+    FUSED_MIN_M,
+    device_capability,
+    fused_unsupported,
+    linear_fused,
+)
 from .linear_simple import linear_simple
 from .utils import check_out, check_table, check_tensor_tables
 
@@ -27,15 +33,20 @@ PATHS = ("simple", "fused")
 PAPER_SHAPE = (8, 2048, 4096, 4096)
 
 
-def default_path(m: int) -> str:
-    """The Linear path used when the caller names none, for sketch size ``m``.
+def default_path(m: int, device: torch.device | None = None) -> str:
+    """The Linear path used when the caller names none, for sketch size ``m`` on ``device``.
 
     Rule (until a GPU run of ``bench/gpu.sh`` measures both): ``"fused"`` where it supports ``m``
     and the compile-time roofline (:mod:`sdi.kernels.roofline`, tabled in
     bench/results/kernels.md) predicts it faster than ``"simple"`` at the paper-like shape
     ``B=8, T=2048, d_in=d_out=4096``; ``"simple"`` otherwise. The fused kernel reads its inputs
-    once, the simple path moves its sketches and spectra through HBM four times more.
+    once, the simple path moves its sketches and spectra through HBM four times more. Where the
+    fused kernel cannot run on ``device`` (:func:`sdi.kernels.linear_fused.fused_unsupported`),
+    ``"simple"``.
     """
+    capability = None if device is None else device_capability(device)
+    if fused_unsupported(m, capability) is not None:
+        return "simple"
     fused = roofline.linear_estimate("fused", *PAPER_SHAPE, m)
     simple = roofline.linear_estimate("simple", *PAPER_SHAPE, m)
     return "fused" if fused is not None and fused.ms < simple.ms else "simple"
@@ -63,7 +74,7 @@ def tensor_sketch_linear(
     contiguous fp32 ``(B, m)`` tensor that receives the result.
     """
     if path is None:
-        path = default_path(table.m)
+        path = default_path(table.m, a.device)
     if path not in PATHS:
         raise ValueError(f"tensor_sketch_linear: path must be one of {PATHS}, got {path!r}")
     check_tensor_tables(table)

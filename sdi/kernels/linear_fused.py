@@ -101,12 +101,36 @@ _FUSED_TABLE = {
 }
 
 
-def check_fused_m(m: int) -> None:
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def fused_unsupported(m: int, capability: tuple[int, int] | None = None) -> str | None:
+    """Why the fused kernel cannot run for ``m`` on a GPU of ``capability`` with this Triton, or
+    None if it can (``capability`` None: no device-specific limit applies, e.g. the interpreter)."""
     if m & (m - 1) or not FUSED_MIN_M <= m <= FUSED_MAX_M:
-        raise ValueError(
-            f"tensor_sketch_linear(path='fused') needs m a power of two in "
-            f"[{FUSED_MIN_M}, {FUSED_MAX_M}], got m={m}; use path='simple' (any m)"
+        return f"it needs m a power of two in [{FUSED_MIN_M}, {FUSED_MAX_M}], got m={m}"
+    if capability is not None and capability[0] == 10 and m >= 4096 and _triton_version() < (3, 9):
+        # Triton 3.6 gives each chained tl.dot its own tensor-memory accumulator and, past the
+        # 512 columns of sm_100, emits a kernel that is one `trap` (bench/results/kernels.md).
+        return (
+            f"Triton {triton.__version__} compiles it for sm_100 at m={m} into a trap "
+            "(tensor memory over-allocated); Triton >= 3.9 compiles it"
         )
+    return None
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def check_fused_m(m: int, device: torch.device) -> None:
+    why = fused_unsupported(m, device_capability(device))
+    if why is not None:
+        raise ValueError(f"tensor_sketch_linear(path='fused'): {why}; use path='simple' (any m)")
 
 
 def _bf16_split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +336,7 @@ def linear_fused(
 ) -> torch.Tensor:
     """TensorSketch of ``G_b^T A_b`` into ``out (B, m)`` fp32; a, g contiguous, checked, T > 0."""
     m = table.m
-    check_fused_m(m)
+    check_fused_m(m, a.device)
     n_b, n_t, d_in = a.shape
     d_out = g.shape[-1]
     m1, m2 = fused_factors(m)
