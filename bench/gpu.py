@@ -163,7 +163,8 @@ class Report:
                 "",
                 "- predicted (compile-time roofline, `sdi.kernels.linear.default_path`): "
                 + ", ".join(
-                    f"m={m}: {default_path(m)}" for m in sorted({c[-1] for c in LINEAR_CASES})
+                    f"m={m}: {default_path(m, DEVICE)}"
+                    for m in sorted({c[-1] for c in LINEAR_CASES})
                 ),
                 f"- measured here, fastest per case: {verdict}; this run would make "
                 f"`{verdict if not verdict.startswith('mixed') else 'a per-m rule'}` the default",
@@ -278,7 +279,7 @@ def linear_case(rep: Report, gen: torch.Generator, bw: float, case) -> None:
             ratio(times["torch"], times["fused"]),
             fmt(floor),
             ratio(best, floor),
-            " / ".join(fmt(None if e is None else e.ms) for e in predicted),
+            " / ".join("—" if e is None else f"{e.ms:.3g}" for e in predicted),
         ]
     )
 
@@ -397,7 +398,9 @@ def main() -> int:
         f"python {sys.version.split()[0]}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         "- default TensorSketch path (used end to end, from the compile-time roofline): "
-        + ", ".join(f"m={m}: {default_path(m)!r}" for m in sorted({c[-1] for c in LINEAR_CASES})),
+        + ", ".join(
+            f"m={m}: {default_path(m, DEVICE)!r}" for m in sorted({c[-1] for c in LINEAR_CASES})
+        ),
     ]
     for line in header:
         print(line, flush=True)

@@ -15,6 +15,7 @@ signature by argument index) and later (keyed by name, constexprs in the signatu
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 import subprocess
@@ -220,8 +221,15 @@ def ptxas_path(cc: int) -> str | None:
     from triton.backends.nvidia import compiler as nv
 
     try:
-        # Triton >= 3.4 picks one per target family; older ones have one.
-        path = nv.get_ptxas(cc).path if hasattr(nv, "get_ptxas") else nv._path_to_binary("ptxas")[0]
+        # Triton 3.0-3.2: one ptxas; 3.3 and >= 3.5: one per target family; 3.4: one again.
+        # Older versions return (path, version), newer ones a tool object with .path.
+        if not hasattr(nv, "get_ptxas"):
+            tool = nv._path_to_binary("ptxas")
+        elif inspect.signature(nv.get_ptxas).parameters:
+            tool = nv.get_ptxas(cc)
+        else:
+            tool = nv.get_ptxas()
+        path = tool[0] if isinstance(tool, tuple) else tool.path
     except Exception:  # noqa: BLE001 -- any failure to locate it means "not available"
         return None
     return path if path and os.path.exists(path) else None

@@ -84,15 +84,18 @@ def fused_config(m: int) -> FusedConfig:
     dimension legal; ``BLOCK_K = 16`` is the smallest legal K. Below m = 256 (``m2 < 16``) the
     products are broadcast-and-sum on CUDA cores, one K-block.
     """
-    m1, m2 = fused_factors(m)
-    if m2 < 16:
-        return FusedConfig(BLOCK_T=max(16 // m2, 2), BLOCK_K=m1, UNROLL=2, num_warps=4)
     return FusedConfig(**_FUSED_TABLE[m])
 
 
 # Per m: the zero-spill point with the most resident warps found by sweeping BLOCK_T in {1, 2, 4}
-# and 4/8/16 warps with ptxas -v for sm_90a (bench/results/kernels.md lists the result).
+# and 4/8/16 warps with ptxas -v for sm_90a and sm_100a, kept where Triton 3.3.1, 3.6 and 3.9 all
+# compile it without spills (bench/results/kernels.md lists the result).
 _FUSED_TABLE = {
+    # m2 < 16: one K-block (BLOCK_K = m1), products as broadcast-and-sum on CUDA cores
+    16: dict(BLOCK_T=4, BLOCK_K=4, UNROLL=1, num_warps=4),
+    32: dict(BLOCK_T=2, BLOCK_K=8, UNROLL=1, num_warps=4),
+    64: dict(BLOCK_T=2, BLOCK_K=8, UNROLL=1, num_warps=4),
+    128: dict(BLOCK_T=2, BLOCK_K=16, UNROLL=1, num_warps=4),
     256: dict(BLOCK_T=4, BLOCK_K=16, UNROLL=1, num_warps=4),
     512: dict(BLOCK_T=1, BLOCK_K=16, UNROLL=1, num_warps=8),
     1024: dict(BLOCK_T=2, BLOCK_K=16, UNROLL=1, num_warps=4),
@@ -115,8 +118,8 @@ def fused_unsupported(m: int, capability: tuple[int, int] | None = None) -> str 
         # Triton 3.6 gives each chained tl.dot its own tensor-memory accumulator and, past the
         # 512 columns of sm_100, emits a kernel that is one `trap` (bench/results/kernels.md).
         return (
-            f"Triton {triton.__version__} compiles it for sm_100 at m={m} into a trap "
-            "(tensor memory over-allocated); Triton >= 3.9 compiles it"
+            f"with Triton {triton.__version__} its sm_100 build at m={m} is not trusted: "
+            "Triton 3.6 compiles it into a trap (tensor memory over-allocated), 3.9 does not"
         )
     return None
 
