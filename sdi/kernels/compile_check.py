@@ -329,3 +329,77 @@ def occupancy(stats: CompileStats, num_warps: int) -> tuple[int, str]:
         by["shared"] = lim["shared_per_sm"] // (stats.shared + lim["shared_reserved_per_block"])
     limit = min(by, key=by.get)
     return by[limit], limit
+
+
+# --------------------------------------------------------------------------------------------
+# compiling in a child process: a clean environment (kernels defined under TRITON_INTERPRET=1 are
+# interpreter functions, not compilable), and a compiler that aborts cannot take the caller down.
+
+
+def stats_in_subprocess(
+    m_values, row_counts, targets, timeout: float = 1800
+) -> dict[tuple[int, str], dict]:
+    """Compile ``launch_specs(m_values, row_counts)`` for ``targets`` in one child process.
+
+    Returns ``{(spec index, target): record}``; a record holds ``"stats"`` (a
+    :class:`CompileStats` as a dict), ``"refused"`` (:func:`not_launched`), ``"unsupported"``
+    (:func:`ptxas_supports`) or ``"error"`` -- also for every spec left when the child died.
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    request = json.dumps({"m": list(m_values), "rows": list(row_counts), "targets": list(targets)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdi.kernels.compile_check", request],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    records = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            records[(rec["index"], rec["target"])] = rec
+    n_specs = len(launch_specs(m_values, row_counts))
+    died = f"the compiler process exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+    for index in range(n_specs):
+        for target in targets:
+            records.setdefault((index, target), {"error": died})
+    return records
+
+
+def _child(request: str) -> None:
+    import dataclasses
+    import json
+    import sys
+
+    args = json.loads(request)
+    for index, spec in enumerate(launch_specs(args["m"], args["rows"])):
+        for target in args["targets"]:
+            rec: dict = {"index": index, "target": target}
+            print(
+                f"compiling {spec.kernel} [{spec.config}] for {target}", file=sys.stderr, flush=True
+            )
+            try:
+                ok, why = ptxas_supports(TARGETS[target])
+                refused = not_launched(spec, target)
+                if refused:
+                    rec["refused"] = refused
+                elif not ok:
+                    rec["unsupported"] = why
+                else:
+                    rec["stats"] = dataclasses.asdict(compile_stats(spec, target))
+            except Exception as err:  # noqa: BLE001 -- reported to the parent
+                rec["error"] = f"{type(err).__name__}: {err}"
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1])
