@@ -153,8 +153,9 @@ def main() -> int:
         "CountSketches + the two spectra (rfft writes, spectrum_dot reads) + the (B, m) output; "
         "fused = read a, g once + the (B, n_chunks, 2, m) partial sums + the output (bucket lists "
         "and DFT factors are a few hundred KB, served from L2). Fused FLOP: per token "
-        "`8 m (m1 + m2)` real multiply-adds x2 for the four real products of each step, times "
-        "3 bf16 passes (hi/lo split).",
+        "`8 m (m1 + m2)` (four real products per step, `2 m m1` and `2 m m2` FLOP each), times "
+        "3 bf16 passes (hi/lo split); below m = 256 one fp32 pass on CUDA cores. The gather's "
+        "scattered loads are not modelled (they read the bytes counted once).",
         "",
         f"Paper-like shape: B={paper[0]}, T={paper[1]}, d_in={paper[2]}, d_out={paper[3]}, "
         f"m={paper[4]}, bf16 in, fp32 out.",
