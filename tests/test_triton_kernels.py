@@ -188,10 +188,16 @@ def test_linear_fused_token_blocks(n_b, n_t, d_in, d_out, m, dtype):
     _assert_close(out, torch_ops.tensor_sketch_linear(a, g, table), 1e-4)
 
 
-def test_linear_default_path_follows_the_rule():
+def test_linear_default_path_follows_the_rule(monkeypatch):
     """path=None takes default_path(m): fused for the powers of two it supports, else simple."""
+    from sdi.kernels import linear
+
     assert default_path(64) == "fused" and default_path(96) == "simple"
     assert default_path(2 * FUSED_MAX_M) == "simple"
+    taken = []
+    for name in ("linear_fused", "linear_simple"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, _f=real, _n=name: taken.append(_n) or _f(*a))
     gen = _generator("default-path")
     for m in (64, 96):
         table = draw_tensor_sketch(5, 7, m, gen).to(DEVICE)
@@ -199,6 +205,7 @@ def test_linear_default_path_follows_the_rule():
         _assert_close(
             tensor_sketch_linear(a, g, table), torch_ops.tensor_sketch_linear(a, g, table)
         )
+    assert taken == ["linear_fused", "linear_simple"]
 
 
 @pytest.mark.parametrize("m", [96, 8, 2 * FUSED_MAX_M])
