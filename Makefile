@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdi-installed
 
-.PHONY: demo test lint format bench bench-accuracy clean
+.PHONY: demo test lint format bench bench-accuracy kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 # side (0.1.1 runs in its own venv: $SDI_REFERENCE_PYTHON, else bench/.venv-reference is created).
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy/accuracy.py
+
+# Compile every Triton kernel for sm_90a / sm_100a on this CPU (no GPU, no network): registers,
+# spills, shared memory, occupancy, roofline -> bench/results/kernels.md.
+kernel-report: $(STAMP)
+	$(PY) bench/gpu/kernel_report.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check sdi tests bench examples

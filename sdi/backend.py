@@ -79,15 +79,15 @@ def triton_usable() -> tuple[bool, str]:
 
 @lru_cache(maxsize=1)
 def _triton_backend() -> SketchBackend:
-    from .kernels import count_sketch, tensor_sketch
+    from .kernels import count_sketch, embedding, linear
 
     return SketchBackend(
         "triton",
         count_sketch.count_sketch,
-        tensor_sketch.tensor_sketch_linear,
+        linear.tensor_sketch_linear,
         # No id-range check (a device sync per call, in a backward hook): the estimator's ids
         # already passed nn.Embedding's forward, and the kernel ignores out-of-range ids anyway.
-        partial(tensor_sketch.tensor_sketch_embedding, check_ids=False),
+        partial(embedding.tensor_sketch_embedding, check_ids=False),
         runs_cpu_fast_paths=False,
     )
 

@@ -22,12 +22,9 @@ pytest.importorskip("triton")
 from sdi import backend  # noqa: E402
 from sdi.kernels import torch_ops  # noqa: E402
 from sdi.kernels.count_sketch import count_sketch  # noqa: E402
-from sdi.kernels.tensor_sketch import (  # noqa: E402
-    FUSED_MAX_M,
-    spectrum_dot,
-    tensor_sketch_embedding,
-    tensor_sketch_linear,
-)
+from sdi.kernels.embedding import tensor_sketch_embedding  # noqa: E402
+from sdi.kernels.linear import FUSED_MAX_M, default_path, tensor_sketch_linear  # noqa: E402
+from sdi.kernels.linear_simple import spectrum_dot  # noqa: E402
 from sdi.sketch import (  # noqa: E402
     draw_count_sketch,
     draw_tensor_sketch,
@@ -169,6 +166,46 @@ def test_linear_simple_any_m_and_largest_m():
             tensor_sketch_linear(a, g, table, path="simple"),
             torch_ops.tensor_sketch_linear(a, g, table),
         )
+
+
+@pytest.mark.parametrize(
+    "n_b, n_t, d_in, d_out, m, dtype",
+    [
+        (2, 7, 29, 11, 256, BF16),  # 7 tokens: a ragged last token block, and chunks of blocks
+        (1, 9, 19, 23, 512, F16),  # m1 != m2 on the tl.dot path, 9 tokens
+        (3, 1, 5, 3, 32, F32),  # one token per example, broadcast-and-sum path
+    ],
+)
+def test_linear_fused_token_blocks(n_b, n_t, d_in, d_out, m, dtype):
+    """The fused kernel walks tokens in blocks of fused_config(m).BLOCK_T: token counts that are
+    not a multiple of it, and chunks that end inside a block, must add exactly the real tokens."""
+    gen = _generator("fused-blocks", n_b, n_t, d_in, d_out, m, dtype)
+    table = draw_tensor_sketch(d_out, d_in, m, gen).to(DEVICE)
+    a = _randn(gen, n_b, n_t, d_in, dtype=dtype)
+    g = _randn(gen, n_b, n_t, d_out, dtype=dtype, scale=1e-3)
+    out = _nan_out(n_b, m)
+    assert tensor_sketch_linear(a, g, table, path="fused", out=out) is out
+    _assert_close(out, torch_ops.tensor_sketch_linear(a, g, table), 1e-4)
+
+
+def test_linear_default_path_follows_the_rule(monkeypatch):
+    """path=None takes default_path(m): fused for the powers of two it supports, else simple."""
+    from sdi.kernels import linear
+
+    assert default_path(64) == "fused" and default_path(96) == "simple"
+    assert default_path(2 * FUSED_MAX_M) == "simple"
+    taken = []
+    for name in ("linear_fused", "linear_simple"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, _f=real, _n=name: taken.append(_n) or _f(*a))
+    gen = _generator("default-path")
+    for m in (64, 96):
+        table = draw_tensor_sketch(5, 7, m, gen).to(DEVICE)
+        a, g = _randn(gen, 2, 3, 7), _randn(gen, 2, 3, 5)
+        _assert_close(
+            tensor_sketch_linear(a, g, table), torch_ops.tensor_sketch_linear(a, g, table)
+        )
+    assert taken == ["linear_fused", "linear_simple"]
 
 
 @pytest.mark.parametrize("m", [96, 8, 2 * FUSED_MAX_M])

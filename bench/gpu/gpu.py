@@ -1,19 +1,24 @@
 """GPU check and benchmark of the sketch kernels: ``bash bench/gpu/gpu.sh [--out FILE]``.
 
-1. Correctness on the device: every Triton kernel against the torch backend, on odd shapes and on
-   every timed case; prints the max relative error (max |diff| / max |ref|). Any error above
+1. Correctness on the device: the kernel test suite itself, ``pytest tests/test_triton_kernels.py``
+   with ``TRITON_INTERPRET=0`` (odd shapes, masks, poisoned outputs, every path), then every timed
+   case against the torch backend (max |diff| / max |ref|). A failing test or an error above
    ``TOL`` is printed as FAIL and makes the script exit 1 (after finishing the rest).
 2. Timings, median of ``triton.testing.do_bench``: torch backend (FFT path, and the CPU's
    materialised-gradient path run on the GPU) vs Triton TensorSketch path ``"simple"`` (a) vs
    ``"fused"`` (b); the Embedding kernel; and end to end,
    ``ProjectedTracInSDI.featurize_loader`` with ``SDI_BACKEND=torch`` and ``=triton`` on a looped
    GPT-style model (~135M parameters, tau=32) against a plain forward+backward of the same batch.
+   Beside each Linear time: the compile-time roofline's prediction for an H200
+   (:mod:`sdi.kernels.roofline`), and at the end the default path the measurements would pick
+   (the rule in :func:`sdi.kernels.linear.default_path` follows the prediction until then).
 3. Markdown tables, printed and written to ``--out`` (rewritten after every case, so a run cut
    short still leaves what it measured). The floor of a case is the time to read its activations
    and grad-outputs once at the copy bandwidth measured on ``torch.empty_like(x).copy_(x)``.
 
 Sized to finish in a few minutes on an H200 with no network (most of it is Triton compiling).
-``--smoke`` runs the same script with tiny shapes on the CPU under ``TRITON_INTERPRET=1``.
+``--smoke`` runs the same script with tiny shapes on the CPU under ``TRITON_INTERPRET=1`` (the
+kernel tests too, in the interpreter).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import datetime
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,22 +38,24 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # must precede the first import of triton
     os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # cases.py, the table shared with the CPU suite
 
+import cases  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 try:
     from sdi import ProjectedTracInSDI  # noqa: E402
-    from sdi.kernels import torch_ops  # noqa: E402
-    from sdi.kernels.count_sketch import count_sketch  # noqa: E402
-    from sdi.kernels.tensor_sketch import (  # noqa: E402
-        DEFAULT_PATH,
-        tensor_sketch_embedding,
-        tensor_sketch_linear,
+    from sdi.kernels import (
+        roofline,  # noqa: E402
+        torch_ops,  # noqa: E402
     )
-    from sdi.sketch import draw_count_sketch, draw_tensor_sketch  # noqa: E402
+    from sdi.kernels.embedding import tensor_sketch_embedding  # noqa: E402
+    from sdi.kernels.linear import default_path, tensor_sketch_linear  # noqa: E402
+    from sdi.sketch import draw_tensor_sketch  # noqa: E402
     from sdi.toy import LoopedTransformer, next_token_loss  # noqa: E402
 except ImportError as err:
     sys.exit(
@@ -59,22 +67,16 @@ E2E_TOL = 2e-2
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
-# (B, T, d_in, d_out, m) per timed Linear case, (B, T, V, d, m) for the Embedding, and the looped
-# model (vocab, d_model, heads, tau, seq, batch, m).
+# The timed cases come from the table shared with the CPU suite (bench/cases.py).
 if SMOKE:
-    LINEAR_CASES = [(2, 8, 48, 40, 64), (3, 4, 32, 32, 128)]
-    EMBEDDING_CASE = (2, 8, 500, 32, 64)
-    MODEL_CASE = (64, 32, 2, 2, 8, 2, 64)
-    CHECK_DIMS = (2, 3, 13, 7)  # B, T, d_in, d_out of the odd-shape checks
-    CHECK_M = {"simple": (64, 96), "fused": (64, 256)}
+    LINEAR_CASES = cases.SMOKE_LINEAR
+    EMBEDDING_CASE = cases.SMOKE_EMBEDDING
+    MODEL_CASE = cases.SMOKE_MODEL
     COPY_BYTES = 16 * 2**20
 else:
-    LINEAR_CASES = [(8, 2048, 4096, 4096, 2048), (32, 512, 1024, 1024, 1024)]
-    EMBEDDING_CASE = (8, 2048, 50_000, 1024, 2048)
-    # 2 * 50257 * 1152 (embedding + head) + 12 * 1152^2 (the shared block) ~ 132M parameters.
-    MODEL_CASE = (50257, 1152, 18, 32, 128, 8, 2048)
-    CHECK_DIMS = (3, 37, 129, 67)
-    CHECK_M = {"simple": (64, 96, 1024, 16384), "fused": (64, 256, 1024, 2048, 4096)}
+    LINEAR_CASES = cases.on(cases.LINEAR, "cuda")
+    EMBEDDING_CASE = cases.on(cases.EMBEDDING, "cuda")[0]
+    MODEL_CASE = cases.MODEL
     COPY_BYTES = 2**30
 
 
@@ -113,6 +115,8 @@ class Report:
         self.rows: list[list[str]] = []
         self.e2e: list[list[str]] = []
         self.errors: list[str] = []
+        self.tests = "not run"
+        self.winners: list[tuple[str, str]] = []  # (case, fastest measured Linear path)
 
     def check(self, name: str, got: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
         err = rel_err(got, ref)  # NaN if got holds a NaN
@@ -134,8 +138,9 @@ class Report:
         lines += ["## Timings (median ms)", ""]
         lines += [
             "| case | torch | torch explicit | explicit speedup | triton-a (simple)"
-            " | triton-b (fused) | a speedup | b speedup | read-once floor | best / floor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            " | triton-b (fused) | a speedup | b speedup | read-once floor | best / floor"
+            " | predicted a / b (H200 roofline) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *("| " + " | ".join(r) + " |" for r in self.rows),
             "",
         ]
@@ -149,6 +154,26 @@ class Report:
                 *("| " + " | ".join(r) + " |" for r in self.e2e),
                 "",
             ]
+        if self.winners:
+            fastest = {w for _, w in self.winners}
+            verdict = (
+                fastest.pop()
+                if len(fastest) == 1
+                else "mixed: " + ", ".join(f"{c}: {w}" for c, w in self.winners)
+            )
+            lines += [
+                "## Default Linear path",
+                "",
+                "- predicted (compile-time roofline, `sdi.kernels.linear.default_path`): "
+                + ", ".join(
+                    f"m={m}: {default_path(m, DEVICE)}"
+                    for m in sorted({c[-1] for c in LINEAR_CASES})
+                ),
+                f"- measured here, fastest per case: {verdict}; this run would make "
+                f"`{verdict if not verdict.startswith('mixed') else 'a per-m rule'}` the default",
+                "",
+            ]
+        lines += ["## Kernel tests on this device", "", f"- {self.tests}", ""]
         lines += ["## Correctness vs torch backend (max |diff| / max |ref|)", ""]
         lines += ["| check | max rel err | tolerance | ok |", "|---|---:|---:|---|"]
         lines += [
@@ -183,44 +208,27 @@ def randn(gen: torch.Generator, *shape, dtype=BF16) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
 
-def odd_shape_checks(rep: Report, gen: torch.Generator) -> None:
-    """Every kernel on odd shapes and several m, mixed dtypes."""
-    n_b, n_t, d_in, d_out = CHECK_DIMS
-    dtypes = (BF16, F16, F32)
-    for i, m in enumerate(CHECK_M["simple"]):
-        dtype = dtypes[i % 3]
-        name = f"count_sketch d={d_in} m={m} {dtype}"
-        try:
-            table = draw_count_sketch(d_in, m, gen).to(DEVICE)
-            x = randn(gen, n_b, n_t, d_in, dtype=dtype)
-            rep.check(name, count_sketch(x, table), torch_ops.count_sketch(x, table))
-        except Exception:
-            rep.error(name)
-    for path, ms in CHECK_M.items():
-        for i, m in enumerate(ms):
-            dtype = dtypes[i % 3]
-            name = f"linear {path} B={n_b} T={n_t} d_in={d_in} d_out={d_out} m={m} {dtype}"
-            try:
-                table = draw_tensor_sketch(d_out, d_in, m, gen).to(DEVICE)
-                a = randn(gen, n_b, n_t, d_in, dtype=dtype)
-                g = randn(gen, n_b, n_t, d_out, dtype=dtype) * 1e-4
-                got = tensor_sketch_linear(a, g, table, path=path)
-                rep.check(name, got, torch_ops.tensor_sketch_linear(a, g, table))
-            except Exception:
-                rep.error(name)
-    for m in CHECK_M["simple"][:2]:
-        name = f"embedding V=1001 d={d_out} m={m}"
-        try:
-            table = draw_tensor_sketch(1001, d_out, m, gen).to(DEVICE)
-            ids = torch.randint(0, 1001, (n_b, n_t), generator=gen).to(DEVICE)
-            g = randn(gen, n_b, n_t, d_out)
-            rep.check(
-                name,
-                tensor_sketch_embedding(ids, g, table),
-                torch_ops.tensor_sketch_embedding(ids, g, table),
-            )
-        except Exception:
-            rep.error(name)
+def kernel_tests(rep: Report) -> None:
+    """Run tests/test_triton_kernels.py on this device (in the interpreter for --smoke)."""
+    env = dict(os.environ, TRITON_INTERPRET="1" if SMOKE else "0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_triton_kernels.py",
+    ]
+    log(f"kernel tests: {' '.join(cmd[2:])} (TRITON_INTERPRET={env['TRITON_INTERPRET']})")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    print("\n".join(tail[-40:]), flush=True)
+    summary = tail[-1] if tail else "no output"
+    rep.tests = f"`{' '.join(cmd[2:])}` (TRITON_INTERPRET={env['TRITON_INTERPRET']}): {summary}"
+    if proc.returncode != 0:
+        rep.errors.append(f"kernel tests failed (exit {proc.returncode}): {summary}")
 
 
 def linear_case(rep: Report, gen: torch.Generator, bw: float, case) -> None:
@@ -257,8 +265,11 @@ def linear_case(rep: Report, gen: torch.Generator, bw: float, case) -> None:
         rep.error(f"{name} [torch explicit]")
     del ref
     times["torch"] = bench_ms(lambda: torch_ops.tensor_sketch_linear(a, g, table))
-    done = [t for t in (times["simple"], times["fused"]) if t is not None]
-    best = min(done) if done else None
+    done = {p: times[p] for p in ("simple", "fused") if times[p] is not None}
+    best = min(done.values()) if done else None
+    if done:
+        rep.winners.append((name, min(done, key=done.get)))
+    predicted = [roofline.linear_estimate(p, *case) for p in ("simple", "fused")]
     rep.rows.append(
         [
             name,
@@ -271,6 +282,7 @@ def linear_case(rep: Report, gen: torch.Generator, bw: float, case) -> None:
             ratio(times["torch"], times["fused"]),
             fmt(floor),
             ratio(best, floor),
+            " / ".join("—" if e is None else f"{e.ms:.3g}" for e in predicted),
         ]
     )
 
@@ -301,6 +313,7 @@ def embedding_case(rep: Report, gen: torch.Generator, bw: float) -> None:
             "—",
             fmt(floor),
             ratio(t_triton, floor),
+            "—",
         ]
     )
 
@@ -387,7 +400,10 @@ def main() -> int:
         f"- torch {torch.__version__}, triton {triton.__version__}, "
         f"python {sys.version.split()[0]}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- default TensorSketch path (used end to end): {DEFAULT_PATH!r}",
+        "- default TensorSketch path (used end to end, from the compile-time roofline): "
+        + ", ".join(
+            f"m={m}: {default_path(m, DEVICE)!r}" for m in sorted({c[-1] for c in LINEAR_CASES})
+        ),
     ]
     for line in header:
         print(line, flush=True)
@@ -400,7 +416,7 @@ def main() -> int:
     rep = Report(args.out, header)
     gen = torch.Generator().manual_seed(0)
 
-    odd_shape_checks(rep, gen)
+    kernel_tests(rep)
     rep.write()
     for case in LINEAR_CASES:
         try:

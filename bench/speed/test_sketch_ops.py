@@ -9,6 +9,7 @@ which one the cost model in :mod:`sdi.rules` would choose, so its choice can be 
 
 from __future__ import annotations
 
+import cases  # bench/cases.py: bench/conftest.py puts bench/ on sys.path
 import pytest
 import torch
 import torch.nn as nn
@@ -17,17 +18,17 @@ from sdi.backend import get_backend
 from sdi.rules import SketchRules
 from sdi.sketch import draw_count_sketch, draw_tensor_sketch
 
-# (B, T, d_in, d_out, m): the workload's qkv and fc2 uses, long sequences, a layer past the crossover.
-LINEAR = [
-    (32, 64, 128, 384, 1024),
-    (32, 64, 512, 128, 1024),
-    (8, 512, 256, 256, 1024),
-    (4, 256, 1024, 1024, 2048),
-]
-COUNT = [(2048, 512, 1024)]  # (rows, d, m)
-EMBEDDING = [(32, 64, 256, 128, 1024)]  # (B, T, vocab, d, m)
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _per_device(table) -> list:
+    """``(device, shape)`` for every case of the shared table (bench/cases.py) on each device here:
+    the CPU cases, and on a CUDA machine the GPU ones too."""
+    return [
+        pytest.param(dev, shape, id=f"{dev}-{shape}")
+        for dev in DEVICES
+        for shape in cases.on(table, dev)
+    ]
 
 
 def _backend(device: str):
@@ -46,9 +47,8 @@ def _linear_id(shape):
     return "B{}-T{}-din{}-dout{}-m{}".format(*shape)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["fft", "explicit"])
-@pytest.mark.parametrize("shape", LINEAR, ids=_linear_id)
+@pytest.mark.parametrize("device, shape", _per_device(cases.LINEAR))
 def test_tensor_sketch_linear(benchmark, device, path, shape):
     B, T, d_in, d_out, m = shape
     if path == "explicit" and device != "cpu":
@@ -77,8 +77,7 @@ def test_tensor_sketch_linear(benchmark, device, path, shape):
         )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", COUNT, ids=lambda s: "rows{}-d{}-m{}".format(*s))
+@pytest.mark.parametrize("device, shape", _per_device(cases.COUNT))
 def test_count_sketch(benchmark, device, shape):
     rows, d, m = shape
     gen = torch.Generator().manual_seed(1)
@@ -92,8 +91,7 @@ def test_count_sketch(benchmark, device, shape):
     _run(benchmark, lambda: backend.count_sketch(x, table), device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", EMBEDDING, ids=lambda s: "B{}-T{}-V{}-d{}-m{}".format(*s))
+@pytest.mark.parametrize("device, shape", _per_device(cases.EMBEDDING))
 def test_tensor_sketch_embedding(benchmark, device, shape):
     B, T, vocab, d, m = shape
     gen = torch.Generator().manual_seed(2)
