@@ -101,7 +101,7 @@ def _update_callable(h: hashlib._Hash, fn: Any, seen: set, depth: int = 0) -> No
     if inspect.ismethod(fn):
         _update_callable(h, fn.__func__, seen, depth + 1)
         return
-    function = fn if inspect.isfunction(fn) else getattr(type(fn), "__call__", None)
+    function = fn if inspect.isfunction(fn) else type(fn).__call__
     h.update(
         f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode()
     )
