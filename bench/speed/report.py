@@ -145,8 +145,32 @@ def memory(benchmarks: list[dict]) -> list[str]:
     return lines
 
 
+def rule_cost(benchmarks: list[dict]) -> list[str]:
+    """The generic rule beside the specific rule of the same module (``test_rule_cost.py``)."""
+    by_module: dict[str, dict[str, float]] = {}
+    for b in benchmarks:
+        info = b["extra_info"]
+        if info.get("op") == "rule":
+            by_module.setdefault(info["shape"], {})[info["path"]] = b["stats"]["median"]
+    if not by_module:
+        return []
+    lines = [
+        "## Generic rule vs the specific rule of the same module (one use, B=32, T=64, m=1024)",
+        "",
+        "| module | specific rule ms | generic rule ms | generic / specific |",
+        "|---|---:|---:|---:|",
+    ]
+    for module, t in by_module.items():
+        if {"specific", "generic"} <= t.keys():
+            lines.append(
+                f"| {module} | {t['specific'] * 1e3:.2f} | {t['generic'] * 1e3:.2f}"
+                f" | {t['generic'] / t['specific']:.2f} |"
+            )
+    return [*lines, ""]
+
+
 def sketch_ops(benchmarks: list[dict]) -> list[str]:
-    rows = [b for b in benchmarks if "op" in b["extra_info"]]
+    rows = [b for b in benchmarks if b["extra_info"].get("op") not in (None, "rule")]
     if not rows:
         return []
     fastest: dict[tuple, tuple[float, str]] = {}
@@ -208,6 +232,7 @@ def main() -> None:
         *reference(json.loads(args.reference.read_text())),
         *hf_row(args.hf, args.command),
         *sketch_ops(benchmarks),
+        *rule_cost(benchmarks),
         *memory(benchmarks),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
