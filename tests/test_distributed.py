@@ -56,13 +56,16 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
     one_batch = dict(common, train_loader=common["train_loader"][:1])  # rank 1 owns no batch
     batch_sizes = []
 
-    def counting_loss(model, batch):
-        batch_sizes.append(int(batch["tokens"].shape[0]))
-        return next_token_loss(model, batch)
+    def count_forwards(
+        module, args
+    ):  # a hook: a wrapping loss_fn would be another loss to the store
+        batch_sizes.append(int(args[0].shape[0]))
+
+    est.model.register_forward_pre_hook(count_forwards)
 
     train = common["train_loader"]
     features = {  # first: the model still holds its own weights, no checkpoint's
-        "features_all": est.featurize_loader(loader=train, loss_fn=counting_loss),
+        "features_all": est.featurize_loader(loader=train, loss_fn=next_token_loss),
         "features_calls": list(batch_sizes),
         "features_1": _as_dict(
             est.featurize_loader(loader=train, loss_fn=next_token_loss, gather_to=1)
@@ -87,9 +90,7 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
         "top_one_batch": est.top_influences(k=1, gather_to="all", **one_batch),
     }
     batch_sizes.clear()
-    out["stored"] = est.influence_across_checkpoints(
-        train_store=folder / "store", **dict(common, loss_fn=counting_loss)
-    )
+    out["stored"] = est.influence_across_checkpoints(train_store=folder / "store", **common)
     out = {key: _as_dict(value) for key, value in out.items()}
     out["stored_calls"] = batch_sizes
     return {**out, **features}
