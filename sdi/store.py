@@ -11,11 +11,19 @@ a rewrite per append.)
 What is checked:
 
 - The manifest records what the features depend on -- estimator kind, seed, projection size,
-  parameter names and widths, the checkpoint's content hash, layout, dtype, package version -- and a
-  store opened with a different identity raises instead of serving stale features.
+  parameter names and widths, the featurizer's settings, the model's structure and the
+  ``loss_fn`` (:mod:`sdi.fingerprints`, which says what those digests cover and miss), the
+  checkpoint's content (a folder's files included), layout, dtype, package version -- and a store
+  opened with a different identity raises :class:`StoreMismatchError` listing what differs. The
+  folder is named after the checkpoint's content and the layout alone, so a changed checkpoint
+  gets a folder of its own while any other change is an error.
+- Every train batch is fingerprinted (:func:`batch_fingerprint`) and checked against the one
+  stored with its shard on every run, complete store or not, and a loader with another number of
+  batches than a complete store holds is refused (:func:`read_or_compute`). The opt-out
+  ``SDI_STORE_TRUST_TRAIN_LOADER=1`` (:func:`trusts_train_loader`) skips the loader on complete
+  stores and is unsafe: other train data is then served stale features.
 - Every shard entry records the shard's rows, shape, dtype, byte size and SHA-256 of its bytes, and
-  optionally the fingerprint of the train batch it came from (:func:`batch_fingerprint`). Every read
-  checks all of them: a shard that was truncated, emptied, overwritten, copied over another or has
+  the fingerprint of the train batch it came from. Every read checks the first five: a shard that was truncated, emptied, overwritten, copied over another or has
   one flipped bit raises :class:`CorruptShardError` naming the file, or is recomputed with a
   :class:`StoreWarning` when the caller can give its batch.
 - A complete store records its number of batches; a store is never marked complete without a shard.
