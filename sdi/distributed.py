@@ -18,17 +18,30 @@ Gathering: tensor collectives (``gather`` / ``all_gather``), every rank's rows p
 share, on the features' device when the group runs NCCL and on the CPU under gloo. Small metadata
 (row counts, shapes, errors) goes through ``all_gather_object``.
 
-Failures: the first collective after a rank's local work is an exchange in which every rank sends
-its metadata or its error. A rank whose pass raised (loss_fn, loader, checkpoint loading, feature
-store) joins that exchange on its way out, so the others raise :class:`RankFailed` at once instead
-of waiting. A rank that dies without raising leaves the others waiting up to the process group's
-timeout (``init_process_group(timeout=...)``), which must also cover the slowest rank's share.
+Consistency: at the start of a call every rank sends a small fingerprint of what it was given --
+the checkpoints' content digests and weights, seed, projection size, selected parameters, model
+structure and number of train batches -- in one ``all_gather_object``
+(:meth:`Sharding.check_same`); if the ranks differ, every rank raises :class:`RankMismatchError`
+naming the fields and each rank's value, instead of computing rows that do not fit together.
+
+Failures: every exchange of a call (the consistency check, row counts and shapes, errors) is an
+``all_gather_object``, and the estimators run each call inside :func:`failures_shared`: a rank on
+which anything raises before the call's final gather -- ``loss_fn``, loader, checkpoint loading,
+the feature store, the estimator's own checkpoint loop or the gather itself -- joins the exchange
+the other ranks are in (or next start) with its error, so they raise :class:`RankFailed` at once
+instead of waiting. An error raised on every rank from what the ranks exchanged (a mismatch) is not
+sent again. After the final gather, nothing is sent: the other ranks may have returned. A rank that
+dies without raising leaves the others waiting up to the process group's timeout
+(``init_process_group(timeout=...)``), which must also cover the slowest rank's share.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +55,98 @@ GatherTo = int | Literal["all"] | None
 
 class RankFailed(RuntimeError):
     """Raised on every rank whose pass succeeded when another rank's pass raised."""
+
+
+class RankMismatchError(ValueError):
+    """Raised on every rank when the ranks were given different inputs (``fields``: name ->
+    every rank's value, for the fields that differ)."""
+
+    def __init__(self, fields: dict[str, list[Any]]):
+        parts = [
+            f"{name} ({', '.join(f'rank {r}: {_short(v)}' for r, v in enumerate(values))})"
+            for name, values in fields.items()
+        ]
+        super().__init__(
+            f"the ranks were given different {'; '.join(parts)}: every rank must get the same "
+            "checkpoints, estimator settings, parameters and loaders"
+        )
+        self.fields = fields
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class _Call:
+    """One estimator call under :func:`failures_shared`: whether the other ranks still exchange."""
+
+    open: bool = True  # False once a final gather is done: the others may have returned
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("sdi_distributed_call", default=None)
+_KNOWN = "_sdi_known_to_every_rank"  # set on an error that every rank already has
+
+
+def _known_to_all(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank (from what they exchanged): it is not sent again."""
+    with contextlib.suppress(AttributeError):
+        setattr(error, _KNOWN, True)
+    return error
+
+
+def _multi_process() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def failures_shared(device: torch.device | str):
+    """Run one estimator call; an ``Exception`` raised inside is sent to the other ranks (who raise
+    :class:`RankFailed`) before it propagates, unless every rank has it already or the call's final
+    gather is done. ``device``: the features' device (object collectives run there under NCCL).
+    A process that runs alone sends nothing."""
+    token = _CALL.set(_Call())
+    try:
+        yield
+    except Exception as err:
+        _report(err, torch.device(device))
+        raise
+    finally:
+        _CALL.reset(token)
+
+
+def _report(error: BaseException, comm: torch.device) -> None:
+    call = _CALL.get()
+    if isinstance(error, RankFailed) or getattr(error, _KNOWN, False):
+        return
+    if (call is not None and not call.open) or not _multi_process():
+        return
+    _known_to_all(error)  # sent once: the others raise, and will not join a second exchange
+    _all_gather_object({"error": f"{type(error).__name__}: {error}"}, dist.get_world_size(), comm)
+
+
+def _all_gather_object(obj: Any, world: int, comm: torch.device) -> list[Any]:
+    everyone: list[Any] = [None] * world
+    # Under NCCL, object collectives run on the current CUDA device: make it the features'.
+    with torch.cuda.device(comm) if comm.type == "cuda" else nullcontext():
+        dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def _raise_failed(meta: list[dict[str, Any]]) -> None:
+    failed = [f"rank {r} failed: {m['error']}" for r, m in enumerate(meta) if "error" in m]
+    if failed:
+        raise RankFailed("; ".join(failed))
+
+
+def _expect_more(more: bool) -> None:
+    """Whether every rank makes another exchange in this call: ``True`` at an exchange that is
+    not the last (the check, a total), ``False`` once a gather that may be the last is done (from
+    then on an error is not sent: the other ranks may have returned)."""
+    call = _CALL.get()
+    if call is not None:
+        call.open = more
 
 
 class _Owned:
@@ -101,23 +206,33 @@ class Sharding:
         """The batches ``i`` of ``loader`` with ``i % world == rank``."""
         return _Owned(loader, self.rank, self.world)
 
-    def reporting(self, items: Iterable[Any]) -> Iterator[Any]:
-        """``items``; an error raised while producing them is first sent to the other ranks."""
-        try:
-            yield from items
-        except Exception as err:
-            self.fail(err)
-            raise
+    def check_same(self, fields: dict[str, Any]) -> None:
+        """Raise :class:`RankMismatchError` on every rank unless every rank passes equal ``fields``
+        (small, picklable values: digests, settings, counts); :class:`RankFailed` if a rank failed
+        before. One ``all_gather_object``."""
+        _expect_more(True)
+        meta = self._all_gather_object({"fields": fields})
+        _raise_failed(meta)
+        names = sorted({name for m in meta for name in m["fields"]})
+        differ = {
+            name: [m["fields"].get(name) for m in meta]
+            for name in names
+            if any(m["fields"].get(name) != meta[0]["fields"].get(name) for m in meta)
+        }
+        if differ:
+            raise _known_to_all(RankMismatchError(differ))
 
     def fail(self, error: BaseException) -> None:
-        """Join the exchange that the other ranks start after their pass, reporting ``error``."""
-        self._all_gather_object({"error": f"{type(error).__name__}: {error}"})
+        """Join the exchange the other ranks are in, reporting ``error`` (once; nothing for a
+        :class:`RankFailed`, an error every rank has, or after the call's final gather)."""
+        _report(error, self.comm)
 
     def total(self, n: int) -> int:
-        """The sum of ``n`` over the ranks."""
-        count = torch.tensor([n], dtype=torch.int64, device=self.comm)
-        dist.all_reduce(count)
-        return int(count.item())
+        """The sum of ``n`` over the ranks (an object exchange, so it also carries failures)."""
+        _expect_more(True)
+        meta = self._all_gather_object({"n": int(n)})
+        _raise_failed(meta)
+        return sum(m["n"] for m in meta)
 
     def gather(
         self, rows: dict[str, torch.Tensor], counts: Sequence[int]
@@ -130,6 +245,7 @@ class Sharding:
         ``to=None`` every rank gets its own rows back (names it lacked come back with zero rows).
         """
         _, shapes, ids = self._share(rows, counts)
+        _expect_more(False)  # maybe the call's last exchange (a later check or total reopens)
         local = {key: self._local(rows, key, shapes) for key in shapes}
         if self.to is None:
             return local
@@ -162,6 +278,7 @@ class Sharding:
         """
         candidates = {key: value.transpose(0, 1) for key, value in top.items()}  # (c, N_query, ...)
         meta, shapes, ids = self._share(candidates, counts)
+        _expect_more(False)
         mine = ids[self.rank].to(self.device)  # local row -> train-loader row
         for side in ("most", "least"):
             candidates[f"{side}_indices"] = mine[candidates[f"{side}_indices"]]
@@ -192,7 +309,7 @@ class Sharding:
         row of each of its rows ``(n_rank,)`` int64.
         """
         sizes = {int(value.shape[0]) for value in rows.values()}
-        if len(sizes) > 1:
+        if len(sizes) > 1:  # sent to the other ranks by failures_shared
             raise ValueError(f"rows of one rank differ in number: {sorted(sizes)}")
         meta = self._all_gather_object(
             {
@@ -201,18 +318,22 @@ class Sharding:
                 "shapes": {key: (tuple(v.shape[1:]), v.dtype) for key, v in rows.items()},
             }
         )
-        failed = [f"rank {r} failed: {m['error']}" for r, m in enumerate(meta) if "error" in m]
-        if failed:
-            raise RankFailed("; ".join(failed))
+        _raise_failed(meta)
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for m in meta:
             for key, shape in m["shapes"].items():
                 if shapes.setdefault(key, shape) != shape:
-                    raise ValueError(
-                        f"ranks computed {key} rows of shapes {shapes[key]} and {shape}: every rank "
-                        "must iterate the same loaders"
+                    raise _known_to_all(
+                        ValueError(
+                            f"ranks computed {key} rows of shapes {shapes[key]} and {shape}: every rank "
+                            "must iterate the same loaders"
+                        )
                     )
-        return meta, dict(sorted(shapes.items())), self._row_ids([m["counts"] for m in meta])
+        try:
+            ids = self._row_ids([m["counts"] for m in meta])
+        except ValueError as err:  # from what every rank received: raised on every rank
+            raise _known_to_all(err) from None
+        return meta, dict(sorted(shapes.items())), ids
 
     def _row_ids(self, counts: list[list[int]]) -> list[torch.Tensor]:
         """Per rank, the train-loader row of each of its rows, from every rank's batch sizes."""
@@ -254,11 +375,7 @@ class Sharding:
         return parts
 
     def _all_gather_object(self, obj: Any) -> list[Any]:
-        everyone: list[Any] = [None] * self.world
-        # Under NCCL, object collectives run on the current CUDA device: make it the features'.
-        with torch.cuda.device(self.comm) if self.comm.type == "cuda" else nullcontext():
-            dist.all_gather_object(everyone, obj)
-        return everyone
+        return _all_gather_object(obj, self.world, self.comm)
 
 
 class LocalSharding:
@@ -284,8 +401,8 @@ class LocalSharding:
     def owned(self, loader: Iterable[Any]) -> Iterable[Any]:
         return loader
 
-    def reporting(self, items: Iterable[Any]) -> Iterable[Any]:
-        return items
+    def check_same(self, fields: dict[str, Any]) -> None:
+        """Nothing to compare with."""
 
     def fail(self, error: BaseException) -> None:
         """Nothing to do: no other rank waits for this one."""

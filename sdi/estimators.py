@@ -11,7 +11,9 @@ stages:
 - :mod:`sdi.influence`: the contraction of each pair and the output assembly;
 - :mod:`sdi.topk`: top-k from a TracIn pass and a second pass over the selected pairs.
 
-Under ``torch.distributed`` the train batches are split over the ranks (:mod:`sdi.distributed`).
+Under ``torch.distributed`` the train batches are split over the ranks (:mod:`sdi.distributed`);
+each call runs inside :func:`sdi.distributed.failures_shared`, so an error on one rank reaches the
+others at once.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class _Estimator:
         it to that rank and ``None`` to the others; ``None`` gives each rank the rows of its own
         batches, in order. With no process group ``gather_to`` is ignored.
         """
-        return loaders.featurize_loader(self._featurizer, loader, loss_fn, gather_to)
+        with distributed.failures_shared(self._featurizer.device):
+            return loaders.featurize_loader(
+                self._featurizer, loader, loss_fn, gather_to, estimator=self._identity
+            )
 
     def influence_across_checkpoints(
         self,
@@ -117,10 +122,11 @@ class _Estimator:
                 checkpoints' errors are correlated and this is an upper bound (exact for one).
         The chunk sizes bound the temporaries of one contraction.
         """
-        options = _options(locals())  # first: locals() are the call's arguments alone
-        return influence.influence_across_checkpoints(
-            self._featurizer, options, estimator=self._identity
-        )
+        with distributed.failures_shared(self._featurizer.device):
+            options = _options(locals())  # first: locals() are the call's arguments alone
+            return influence.influence_across_checkpoints(
+                self._featurizer, options, estimator=self._identity
+            )
 
     def top_influences(
         self,
@@ -150,8 +156,9 @@ class _Estimator:
         are merged on ``gather_to`` (a rank or ``"all"``; the others get ``None``). Other arguments
         as in :meth:`influence_across_checkpoints`.
         """
-        options = _options(locals(), skip="k")  # first: locals() are the arguments alone
-        return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+        with distributed.failures_shared(self._featurizer.device):
+            options = _options(locals(), skip="k")  # first: locals() are the arguments alone
+            return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
 
 
 def _options(arguments: dict[str, Any], skip: str | None = None) -> RunOptions:

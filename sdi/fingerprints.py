@@ -11,7 +11,9 @@ Limits (documented for users in the README's "What the store checks"):
   and the module-level *constants* (numbers, strings, tensors, ...) it reads by name, recursively
   through nested code objects and ``functools.partial``. It does not follow calls into other
   functions or read mutable objects it reaches through attributes: a loss that calls a helper whose
-  code changed keeps its fingerprint.
+  code changed keeps its fingerprint. Closure values are hashed by content, so a loss closing over
+  a list it appends to (a call counter, a log) changes its fingerprint as the list grows. A
+  callable object is hashed by its class's ``__call__`` and its plain attributes.
 - :func:`model_fingerprint` hashes every submodule's type, its plain attributes (numbers, strings,
   booleans, and tuples or lists of them -- e.g. a loop count), and the names, shapes and dtypes of
   its parameters and buffers; not their values (checkpoints carry those).

@@ -74,21 +74,52 @@ def query_chunks(
         raise ValueError("query_loader yielded no batches")
 
 
+def count_batches(loader: Iterable[Any]) -> int | None:
+    """The number of batches of ``loader``: its ``len()`` where it has one, else counted by
+    iterating it (loading is cheap next to featurising); ``None`` for a one-shot iterator, which
+    counting would consume."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        batches = iter(loader)
+        return None if batches is loader else sum(1 for _ in batches)
+
+
 def featurize_loader(
-    featurizer: Featurizer, loader: Iterable[Any], loss_fn: LossFn, gather_to: distributed.GatherTo
+    featurizer: Featurizer,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    gather_to: distributed.GatherTo,
+    *,
+    estimator: dict[str, Any],
 ) -> FeatureSet | None:
     """Per-step features of every example in ``loader``, in loader order; see
-    :meth:`sdi.estimators.ProjectedTracInSDI.featurize_loader` for ``gather_to``."""
+    :meth:`sdi.estimators.ProjectedTracInSDI.featurize_loader` for ``gather_to``.
+
+    The model runs in eval mode (dropout off, as in the other entry points); its train/eval mode
+    is restored afterwards. Sharded, every rank first checks that all ranks have the same
+    ``estimator`` settings (:mod:`sdi.estimators`' identity), parameters and number of batches.
+    """
     sharding = distributed.sharding_of(loader, featurizer.device, gather_to, name="loader")
+    if sharding.world > 1:
+        sharding.check_same(
+            {
+                **estimator,
+                "params": [b.name for b in featurizer.blocks],
+                "loader batches": count_batches(loader),
+            }
+        )
+    model = featurizer.model
+    was_training = model.training
+    model.eval()
     try:
         owned = sharding.owned(loader)
         parts = [feats for feats, _ in batch_features(featurizer, owned, loss_fn, per_step=True)]
-        steps = {p.shape[1] for p in parts}
-        if len(steps) > 1:
-            raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
-    except Exception as err:
-        sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
-        raise
+    finally:
+        model.train(was_training)
+    steps = {p.shape[1] for p in parts}
+    if len(steps) > 1:
+        raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
     rows = sharding.gather(
         {"phi": torch.cat(parts)} if parts else {}, counts=[p.shape[0] for p in parts]
     )

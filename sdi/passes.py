@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import LocalSharding, Sharding
-from .featurize import Featurizer
-from .loaders import query_chunks, warn_if_shuffled
+from .featurize import Featurizer, LossFn
+from .fingerprints import checkpoint_fingerprint, loss_fn_fingerprint, model_fingerprint
+from .loaders import count_batches, query_chunks, warn_if_shuffled
 from .options import RunOptions
 from .store import checkpoint_store
 from .train_stream import TrainStream
@@ -56,21 +57,40 @@ def checkpoint_passes(
 
     ``per_step_*`` keep the per-step features of that side (else summed over steps);
     ``estimator`` is the estimator's part of a feature store's identity (:mod:`sdi.store`).
-    Sharded, the pairs hold only this rank's train batches, and an error raised here or while
-    producing the pairs is reported to the other ranks before it propagates. The model's
-    train/eval mode is restored at the end.
+    Sharded, the pairs hold only this rank's train batches, and every rank first checks that all
+    ranks were given the same checkpoints, settings, parameters and number of train batches
+    (:meth:`sdi.distributed.Sharding.check_same`); errors reach the other ranks through the
+    estimator's :func:`sdi.distributed.failures_shared`. The model's train/eval mode is restored at
+    the end.
     """
     # stacklevel 4: above this generator, the influence stage and the estimator's method: the user.
     warn_if_shuffled(options.train_loader, "train_loader", stacklevel=4)
     warn_if_shuffled(options.query_loader, "query_loader", stacklevel=4)
     model = featurizer.model
+    digests = None  # the checkpoints' content fingerprints, where something needs them
+    if options.train_store is not None or sharding.world > 1:
+        digests = [checkpoint_fingerprint(spec.path) for spec in options.checkpoints]
+    if sharding.world > 1:
+        sharding.check_same(
+            {
+                **estimator,
+                "checkpoints": [d[:16] for d in digests],
+                "checkpoint weights": [spec.weight for spec in options.checkpoints],
+                "params": [b.name for b in featurizer.blocks],
+                "model": model_fingerprint(model),
+                "train batches": count_batches(options.train_loader),
+            }
+        )
+    inputs = None if options.train_store is None else feature_inputs(featurizer, options.loss_fn)
     was_training = model.training
     try:
-        for spec in tqdm(
-            options.checkpoints,
-            desc=str(options.progress_desc),
-            disable=not options.progress,
-            dynamic_ncols=True,
+        for k, spec in enumerate(
+            tqdm(
+                options.checkpoints,
+                desc=str(options.progress_desc),
+                disable=not options.progress,
+                dynamic_ncols=True,
+            )
         ):
             checkpoint = options.load_checkpoint_fn(spec.path)
             weight = (
@@ -86,7 +106,9 @@ def checkpoint_passes(
                 store = checkpoint_store(
                     options.train_store,
                     spec.path,
+                    digest=digests[k],
                     estimator=estimator,
+                    inputs=inputs,
                     blocks=featurizer.blocks,
                     per_step=per_step_train,
                     sharding=sharding,
@@ -115,9 +137,21 @@ def checkpoint_passes(
                     for j0, query in chunks
                     for r0, feats, steps in train
                 )
-                yield CheckpointPass(weight, sharding.reporting(pairs), train)
-    except Exception as err:
-        sharding.fail(err)  # the other ranks raise too, instead of waiting for this one
-        raise
+                yield CheckpointPass(weight, pairs, train)
     finally:
         model.train(was_training)
+
+
+def feature_inputs(featurizer: Featurizer, loss_fn: LossFn) -> dict[str, Any]:
+    """What train features depend on besides the estimator, the checkpoint and the batches: the
+    model's structure (loop counts included), the ``loss_fn``'s code and constants
+    (:mod:`sdi.fingerprints`, with its limits) and the featurizer's settings that change them."""
+    return {
+        "model": model_fingerprint(featurizer.model),
+        "loss_fn": loss_fn_fingerprint(loss_fn),
+        "featurizer": {
+            "loss_reduction": featurizer.loss_reduction,
+            "batch_first": featurizer.batch_first,
+            "allow_mixed_steps": featurizer.allow_mixed_steps,
+        },
+    }

@@ -11,11 +11,19 @@ a rewrite per append.)
 What is checked:
 
 - The manifest records what the features depend on -- estimator kind, seed, projection size,
-  parameter names and widths, the checkpoint's content hash, layout, dtype, package version -- and a
-  store opened with a different identity raises instead of serving stale features.
+  parameter names and widths, the featurizer's settings, the model's structure and the
+  ``loss_fn`` (:mod:`sdi.fingerprints`, which says what those digests cover and miss), the
+  checkpoint's content (a folder's files included), layout, dtype, package version -- and a store
+  opened with a different identity raises :class:`StoreMismatchError` listing what differs. The
+  folder is named after the checkpoint's content and the layout alone, so a changed checkpoint
+  gets a folder of its own while any other change is an error.
+- Every train batch is fingerprinted (:func:`batch_fingerprint`) and checked against the one
+  stored with its shard on every run, complete store or not, and a loader with another number of
+  batches than a complete store holds is refused (:func:`read_or_compute`). The opt-out
+  ``SDI_STORE_TRUST_TRAIN_LOADER=1`` (:func:`trusts_train_loader`) skips the loader on complete
+  stores and is unsafe: other train data is then served stale features.
 - Every shard entry records the shard's rows, shape, dtype, byte size and SHA-256 of its bytes, and
-  optionally the fingerprint of the train batch it came from (:func:`batch_fingerprint`). Every read
-  checks all of them: a shard that was truncated, emptied, overwritten, copied over another or has
+  the fingerprint of the train batch it came from. Every read checks the first five: a shard that was truncated, emptied, overwritten, copied over another or has
   one flipped bit raises :class:`CorruptShardError` naming the file, or is recomputed with a
   :class:`StoreWarning` when the caller can give its batch.
 - A complete store records its number of batches; a store is never marked complete without a shard.
@@ -67,19 +75,12 @@ try:
 except ImportError:  # not POSIX (Windows): no lock, a single writer per store is assumed
     fcntl = None
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the identity holds the model, loss_fn and a checkpoint folder's content
+TRUST_LOADER_ENV = "SDI_STORE_TRUST_TRAIN_LOADER"  # "1": a complete store skips the loader (unsafe)
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 _NPY_HEADER_MAX = 10 + 0xFFFF  # magic, version, length, then a version-1.0 header of <= 64 KiB
 _DELETE_HINT = "delete the folder {root} (its features are recomputed on the next run)"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class StoreError(ValueError):
@@ -375,12 +376,14 @@ class FeatureStore:
                 f"folder or {_DELETE_HINT.format(root=self.root)}",
             )
 
-    def check_batches(self, batches: int) -> None:
-        """Raise :class:`StoreMismatchError` if a complete store holds another number of batches."""
-        if self.complete and batches != self.batches:
+    def check_batches(self, batches: int, *, at_least: bool = False) -> None:
+        """Raise :class:`StoreMismatchError` if a complete store holds another number of batches
+        (``at_least``: the loader yields ``batches`` or more, which is known before its end)."""
+        if self.complete and (batches > self.batches if at_least else batches != self.batches):
+            yields = f"at least {batches}" if at_least else str(batches)
             raise StoreMismatchError(
                 self.root,
-                f"it holds {self.batches} train batches, but the train loader yields {batches}; "
+                f"it holds {self.batches} train batches, but the train loader yields {yields}; "
                 f"pass another folder or {_DELETE_HINT.format(root=self.root)}",
             )
 
@@ -672,13 +675,6 @@ def _diff(stored: dict, wanted: dict) -> str:
     return "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted.get(k)!r}" for k in keys)
 
 
-def checkpoint_digest(path: str | Path) -> str:
-    """The checkpoint file's SHA-256; a checkpoint that is no file (custom loader) is identified by
-    its name alone."""
-    path = str(path)
-    return file_sha256(path) if os.path.isfile(path) else hashlib.sha256(path.encode()).hexdigest()
-
-
 def store_identity(
     estimator: dict[str, Any],
     blocks: Sequence[ParamBlock],
@@ -686,15 +682,21 @@ def store_identity(
     digest: str,
     layout: str,
     sharding: Sharding | LocalSharding,
+    inputs: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Everything one checkpoint's stored train features depend on.
 
     ``estimator``: the estimator's kind and sketch settings; ``blocks``: the selected parameters'
-    names and column widths; ``digest``: :func:`checkpoint_digest`; ``layout``: ``"per_step"`` or
-    ``"summed"``; ``sharding``: adds the rank and world size of a sharded run.
+    names and column widths; ``digest``: the checkpoint's
+    :func:`sdi.fingerprints.checkpoint_fingerprint`; ``layout``: ``"per_step"`` or ``"summed"``;
+    ``sharding``: adds the rank and world size of a sharded run; ``inputs``: the other inputs of
+    the features (the model's structure, the ``loss_fn``, the featurizer's settings:
+    :func:`sdi.passes.feature_inputs`). The train batches are checked shard by shard instead
+    (:func:`read_or_compute`).
     """
     return {
         **estimator,
+        **inputs,
         "params": [b.name for b in blocks],
         "widths": [b.columns.stop - b.columns.start for b in blocks],
         "checkpoint": {"file": Path(str(checkpoint_path)).name, "sha256": digest},
@@ -709,18 +711,29 @@ def checkpoint_store(
     root: str | Path,
     checkpoint_path: str | Path,
     *,
+    digest: str,
     estimator: dict[str, Any],
+    inputs: Mapping[str, Any],
     blocks: Sequence[ParamBlock],
     per_step: bool,
     sharding: Sharding | LocalSharding,
 ) -> FeatureStore:
     """The store of one checkpoint's train features under ``root`` (arguments as in
-    :func:`store_identity`; ``per_step`` picks the layout). One folder per checkpoint and layout,
-    and per rank when sharded."""
-    digest = checkpoint_digest(checkpoint_path)
+    :func:`store_identity`; ``per_step`` picks the layout).
+
+    One folder per checkpoint content and layout (``<digest[:16]>-<layout>``), and per rank when
+    sharded: a checkpoint rewritten with new weights gets a folder of its own. Everything else in
+    the identity is checked against the folder's manifest (:class:`StoreMismatchError`).
+    """
     layout = "per_step" if per_step else "summed"
-    identity = store_identity(estimator, blocks, checkpoint_path, digest, layout, sharding)
+    identity = store_identity(estimator, blocks, checkpoint_path, digest, layout, sharding, inputs)
     return FeatureStore(sharding.store_folder(Path(root) / f"{digest[:16]}-{layout}"), identity)
+
+
+def trusts_train_loader() -> bool:
+    """Whether ``SDI_STORE_TRUST_TRAIN_LOADER=1``: complete stores are served without reading the
+    train loader. Unsafe: other train data, or another number of batches, is then not noticed."""
+    return os.environ.get(TRUST_LOADER_ENV, "").strip() == "1"
 
 
 def read_or_compute(
@@ -735,36 +748,43 @@ def read_or_compute(
     """``(features, steps)`` per batch of ``batches``: read where stored, else ``compute(batch)``
     and appended (then ``after_append()``, a progress bar's update).
 
-    A complete store is read without iterating ``batches``; a corrupt shard is recomputed from its
-    batch when the batch is there and its fingerprint unchanged. Resuming, every stored batch's
-    fingerprint is checked. The store is marked complete once ``batches`` is exhausted
-    (``allow_empty``: a rank may own no batch).
+    Every batch is fingerprinted (:func:`batch_fingerprint`) and checked against its stored shard,
+    complete store or not, so other train data is a :class:`StoreMismatchError` naming the batch; a
+    loader with more or fewer batches than a complete store holds is one too. A corrupt shard is
+    recomputed from its batch. An interrupted store is resumed: stored batches are read, the rest
+    computed and appended; the store is marked complete once ``batches`` is exhausted
+    (``allow_empty``: a rank may own no batch). With :func:`trusts_train_loader`, a complete store
+    is read without iterating ``batches`` (a corrupt shard is still recomputed from its batch).
     """
-
-    def rebuild(batch):  # None: the batch is not there (a corrupt shard cannot be rebuilt)
-        return None if batch is None else compute(batch)
-
-    def recompute(i):  # a corrupt shard of a complete store: from its batch, if unchanged
-        batch = batch_at(batches, i)
-        if batch is not None:
-            store.check_fingerprint(i, batch_fingerprint(batch))
-        return rebuild(batch)
-
-    if store.complete:
-        for i, shard in enumerate(store.shards):
-            yield store.read(i, device, recompute=lambda i=i: recompute(i)), shard["steps"]
+    if store.complete and trusts_train_loader():
+        yield from _read_trusting(store, batches, compute, device)
         return
     n = 0
     for n, batch in enumerate(batches, 1):
         i, fingerprint = n - 1, batch_fingerprint(batch)
-        if i < len(store.shards):  # written before an interruption: read, don't recompute
+        if i < len(store.shards):  # stored by an earlier (maybe interrupted) run: read it
             store.check_fingerprint(i, fingerprint)
             features = store.read(i, device, recompute=lambda b=batch: compute(b))
             yield features, store.shards[i]["steps"]
             continue
+        store.check_batches(n, at_least=True)  # before featurising a batch a complete store lacks
         features, steps = compute(batch)
         store.append(features, steps, fingerprint=fingerprint)
         if after_append is not None:
             after_append()
         yield features, steps
     store.finish(n, allow_empty=allow_empty)
+
+
+def _read_trusting(store, batches, compute, device) -> Iterator[tuple[torch.Tensor, int]]:
+    """A complete store's shards, the train loader read only to recompute a corrupt shard."""
+
+    def recompute(i):  # from its batch, if the loader still has it unchanged
+        batch = batch_at(batches, i)
+        if batch is None:
+            return None
+        store.check_fingerprint(i, batch_fingerprint(batch))
+        return compute(batch)
+
+    for i, shard in enumerate(store.shards):
+        yield store.read(i, device, recompute=lambda i=i: recompute(i)), shard["steps"]

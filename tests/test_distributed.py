@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
-from sdi import CheckpointSpec, ProjectedTracInSDI, distributed
+from sdi import CheckpointSpec, ProjectedTracInSDI, distributed, influence
 from sdi.toy import next_token_loss, random_token_batches
 
 WORLD = 2
@@ -56,13 +56,16 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
     one_batch = dict(common, train_loader=common["train_loader"][:1])  # rank 1 owns no batch
     batch_sizes = []
 
-    def counting_loss(model, batch):
-        batch_sizes.append(int(batch["tokens"].shape[0]))
-        return next_token_loss(model, batch)
+    def count_forwards(
+        module, args
+    ):  # a hook: a wrapping loss_fn would be another loss to the store
+        batch_sizes.append(int(args[0].shape[0]))
+
+    est.model.register_forward_pre_hook(count_forwards)
 
     train = common["train_loader"]
     features = {  # first: the model still holds its own weights, no checkpoint's
-        "features_all": est.featurize_loader(loader=train, loss_fn=counting_loss),
+        "features_all": est.featurize_loader(loader=train, loss_fn=next_token_loss),
         "features_calls": list(batch_sizes),
         "features_1": _as_dict(
             est.featurize_loader(loader=train, loss_fn=next_token_loss, gather_to=1)
@@ -87,9 +90,7 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
         "top_one_batch": est.top_influences(k=1, gather_to="all", **one_batch),
     }
     batch_sizes.clear()
-    out["stored"] = est.influence_across_checkpoints(
-        train_store=folder / "store", **dict(common, loss_fn=counting_loss)
-    )
+    out["stored"] = est.influence_across_checkpoints(train_store=folder / "store", **common)
     out = {key: _as_dict(value) for key, value in out.items()}
     out["stored_calls"] = batch_sizes
     return {**out, **features}
@@ -135,6 +136,64 @@ def _fail_features_on_rank_1(est, common, folder: Path, rank: int) -> dict:
     return {}
 
 
+def _error_of(call) -> str:
+    """``call()``'s error as ``"Type: message"`` (the ranks go on together after it)."""
+    try:
+        call()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _disagreeing_ranks(est, common, folder: Path, rank: int) -> dict:
+    """Each call gives rank 1 something else than rank 0; the last one agrees again."""
+    first, _ = common["checkpoints"]
+    checkpoints = common["checkpoints"] if rank == 0 else [first, first]
+    model = tiny_model()
+    seeded = ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=48, seed=5 + rank
+    )
+    train = common["train_loader"] if rank == 0 else common["train_loader"][:4]  # 5 vs 4 batches
+    return {
+        "checkpoints": _error_of(
+            lambda: est.influence_across_checkpoints(**dict(common, checkpoints=checkpoints))
+        ),
+        "seed": _error_of(lambda: seeded.top_influences(k=2, gather_to="all", **common)),
+        "batches": _error_of(
+            lambda: est.influence_across_checkpoints(**dict(common, train_loader=train))
+        ),
+        "loader": _error_of(lambda: est.featurize_loader(loader=train, loss_fn=next_token_loss)),
+        "after": _as_dict(est.influence_across_checkpoints(gather_to="all", **common)),
+    }
+
+
+def _failing_loops(est, common, folder: Path, rank: int) -> dict:
+    """Rank 1 raises in the estimators' own loops: influence's accumulation, top-k's second pass."""
+    real_accumulate, real_query_sdi = influence.accumulate, influence.query_sdi
+
+    def accumulate(totals, scores, weight):
+        if rank == 1 and totals is not None:  # at the second checkpoint
+            raise ValueError("accumulate boom on rank 1")
+        return real_accumulate(totals, scores, weight)
+
+    def query_sdi(*args, **kwargs):  # top-k's second pass only (its first pass is TracIn)
+        if rank == 1:
+            raise ValueError("query_sdi boom on rank 1")
+        return real_query_sdi(*args, **kwargs)
+
+    out = {}
+    try:
+        influence.accumulate = accumulate
+        out["loop"] = _error_of(lambda: est.influence_across_checkpoints(**common))
+        influence.accumulate = real_accumulate
+        influence.query_sdi = query_sdi
+        out["topk"] = _error_of(lambda: est.top_influences(k=2, gather_to="all", **common))
+    finally:
+        influence.accumulate, influence.query_sdi = real_accumulate, real_query_sdi
+    out["after"] = _as_dict(est.influence_across_checkpoints(gather_to="all", **common))
+    return out
+
+
 def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)  # two processes on two cores
@@ -145,12 +204,15 @@ def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=WORLD,
-            timeout=timedelta(seconds=30),
+            # Short for the failure scenarios: a regression that hangs fails fast instead.
+            timeout=timedelta(seconds=30 if scenario == "runs" else 15),
         )
         run = {
             "runs": _runs,
             "fail": _fail_on_rank_1,
             "fail_features": _fail_features_on_rank_1,
+            "disagree": _disagreeing_ranks,
+            "fail_loops": _failing_loops,
         }[scenario]
         torch.save(run(_estimator(), _data(folder), folder, rank), folder / f"rank{rank}.pt")
     except BaseException:
@@ -267,6 +329,52 @@ def test_a_failing_rank_fails_every_rank_without_hanging(checkpoints, tmp_path, 
     err0 = (tmp_path / "rank0.err").read_text()
     # Rank 0 learnt why from rank 1 itself, instead of timing out on a silent peer.
     assert "RankFailed: rank 1 failed: ValueError: boom on rank 1" in err0, err0
+
+
+def _one_process_sdi(folder: Path) -> dict:
+    return _as_dict(_estimator().influence_across_checkpoints(**_data(folder)))
+
+
+def _copy_checkpoints(checkpoints: Path, folder: Path) -> None:
+    for name in ("a.pt", "b.pt"):
+        (folder / name).write_bytes((checkpoints / name).read_bytes())
+
+
+def _results(folder: Path, codes: list[int]) -> list[dict]:
+    errors = [folder / f"rank{r}.err" for r in range(WORLD)]
+    assert codes == [0] * WORLD, [e.read_text() for e in errors if e.exists()]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_given_different_inputs_all_raise_an_error_naming_the_field(checkpoints, tmp_path):
+    _copy_checkpoints(checkpoints, tmp_path)
+    got = _results(tmp_path, _launch(tmp_path, "disagree"))
+    want = _one_process_sdi(tmp_path)
+    for rank in range(WORLD):
+        out = got[rank]
+        mismatch = "RankMismatchError: the ranks were given different "
+        assert out["checkpoints"].startswith(mismatch), out["checkpoints"]
+        assert "checkpoints (rank 0: [" in out["checkpoints"]
+        assert "checkpoint weights (rank 0: [0.4, 1.1], rank 1: [0.4, 0.4])" in out["checkpoints"]
+        assert out["seed"] == mismatch + (
+            "seed (rank 0: 5, rank 1: 6): every rank must get the same checkpoints, estimator "
+            "settings, parameters and loaders"
+        )
+        assert out["batches"].startswith(mismatch + "train batches (rank 0: 5, rank 1: 4)")
+        assert out["loader"].startswith(mismatch + "loader batches (rank 0: 5, rank 1: 4)")
+        _close(out["after"], want)  # the ranks stayed in step: the next call is right
+
+
+def test_an_error_in_the_estimators_own_loops_reaches_the_other_rank(checkpoints, tmp_path):
+    _copy_checkpoints(checkpoints, tmp_path)
+    got = _results(tmp_path, _launch(tmp_path, "fail_loops"))
+    assert got[1]["loop"] == "ValueError: accumulate boom on rank 1"
+    assert got[0]["loop"] == "RankFailed: rank 1 failed: ValueError: accumulate boom on rank 1"
+    assert got[1]["topk"] == "ValueError: query_sdi boom on rank 1"
+    assert got[0]["topk"] == "RankFailed: rank 1 failed: ValueError: query_sdi boom on rank 1"
+    want = _one_process_sdi(tmp_path)
+    for rank in range(WORLD):
+        _close(got[rank]["after"], want)
 
 
 def _public(cls) -> set[str]:

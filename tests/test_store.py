@@ -24,6 +24,7 @@ from conftest import SEQ, VOCAB, run_influence, save_checkpoint, sketched, tiny_
 
 import sdi
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
+from sdi.fingerprints import loss_fn_fingerprint, model_fingerprint
 from sdi.store import (
     CorruptManifestError,
     CorruptShardError,
@@ -459,12 +460,15 @@ def _run(est, ckpt, train, store, loss_fn=next_token_loss):
     )
 
 
-def _counting(calls: list):
-    def loss_fn(model, batch):
-        calls.append(int(batch["tokens"].shape[0]))
-        return next_token_loss(model, batch)
+def _count_forwards(est, calls: list, sleep_s: float = 0.0) -> None:
+    """Append each forward's batch size to ``calls`` (after ``sleep_s``), by a hook on the model:
+    a wrapping loss_fn would be another loss_fn to the store, which refuses it."""
 
-    return loss_fn
+    def hook(module, args):
+        time.sleep(sleep_s)
+        calls.append(int(args[0].shape[0]))
+
+    est.model.register_forward_pre_hook(hook)
 
 
 @pytest.fixture
@@ -484,29 +488,35 @@ def test_estimator_recomputes_a_corrupt_shard_of_a_complete_store_with_a_warning
     folder = _only_folder(store)
     _flip_bit(folder / "shard_000001.npy", folder)
     calls = []
+    _count_forwards(est, calls)
     with pytest.warns(StoreWarning, match="shard_000001.npy.*recomputing"):
-        got = _run(est, ckpt, _train(), store, _counting(calls))
+        got = _run(est, ckpt, _train(), store)
     assert torch.allclose(got.sdi, want, atol=1e-6)
     assert calls == [4, 3]  # the query batch, then only train batch 1 (rows 3..5)
     calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", StoreWarning)
-        again = _run(est, ckpt, _train(), store, _counting(calls))
+        again = _run(est, ckpt, _train(), store)
     assert calls == [4] and torch.allclose(again.sdi, want, atol=1e-6)
 
 
-def test_estimator_names_a_corrupt_shard_whose_batch_the_loader_lacks(tmp_path, ckpt):
+def test_estimator_names_a_corrupt_shard_whose_batch_the_loader_lacks(tmp_path, ckpt, monkeypatch):
     est, store = _est(), tmp_path / "store"
     _run(est, ckpt, _train(), store)
     folder = _only_folder(store)
     _truncate(folder / "shard_000002.npy", folder)
+    with pytest.raises(StoreMismatchError, match="holds 3 shards, but the train loader yielded 2"):
+        _run(est, ckpt, _train()[:2], store)  # checked: a shorter loader is other train data
+    other = _train()[:2] + random_token_batches(1, 1, SEQ, VOCAB, seed=99)
+    with pytest.raises(StoreMismatchError, match="train batch 2 differs"):
+        _run(est, ckpt, other, store)  # not recomputed from another batch
+    monkeypatch.setenv("SDI_STORE_TRUST_TRAIN_LOADER", "1")  # the loader is read only to recompute
     with pytest.raises(
         CorruptShardError, match="shard_000002.npy is truncated.*not in the train loader"
     ):
         _run(est, ckpt, _train()[:2], store)
-    other = _train()[:2] + random_token_batches(1, 1, SEQ, VOCAB, seed=99)
     with pytest.raises(StoreMismatchError, match="train batch 2 differs"):
-        _run(est, ckpt, other, store)  # not recomputed from another batch
+        _run(est, ckpt, other, store)
 
 
 def test_estimator_recomputes_a_corrupt_shard_when_resuming(tmp_path, ckpt):
@@ -525,8 +535,9 @@ def test_estimator_recomputes_a_corrupt_shard_when_resuming(tmp_path, ckpt):
     folder = _only_folder(store)
     _garbage(folder / "shard_000000.npy", folder)
     calls = []
+    _count_forwards(est, calls)
     with pytest.warns(StoreWarning, match="shard_000000.npy is not a .npy file"):
-        got = _run(est, ckpt, _train(), store, _counting(calls))
+        got = _run(est, ckpt, _train(), store)
     assert calls == [4, 3, 1]  # query; batch 0 recomputed; batch 1 read; batch 2 (1 row) new
     assert torch.allclose(got.sdi, want, atol=1e-6)
     assert _manifest(folder)["complete"] and _manifest(folder)["batches"] == 3
@@ -573,7 +584,8 @@ def test_estimator_full_disk_then_rerun_resumes(tmp_path, ckpt, monkeypatch):
         _run(est, ckpt, _train(), store)
     monkeypatch.undo()
     calls = []
-    got = _run(est, ckpt, _train(), store, _counting(calls))
+    _count_forwards(est, calls)
+    got = _run(est, ckpt, _train(), store)
     assert calls == [4, 3, 1] and torch.allclose(got.sdi, want, atol=1e-6)  # batch 0 was kept
 
 
@@ -581,13 +593,9 @@ def _writer(folder: str, ckpt: str, start, out: str) -> None:
     torch.set_num_threads(1)
     calls = []
     est = _est()
-
-    def slow_loss(model, batch):  # slow enough for the two writers to interleave
-        time.sleep(0.02)
-        return _counting(calls)(model, batch)
-
+    _count_forwards(est, calls, sleep_s=0.02)  # slow enough for the two writers to interleave
     start.wait(60)
-    result = _run(est, ckpt, _train(12, 1), Path(folder), slow_loss)
+    result = _run(est, ckpt, _train(12, 1), Path(folder))
     torch.save({"sdi": result.sdi, "calls": calls, "fingerprint": batch_fingerprint(_batch())}, out)
 
 
@@ -640,7 +648,14 @@ def test_one_process_store_identity_and_folder_are_pinned(
         )
         names = [f"core.{name}" for name, _ in model.core.named_parameters()]
         assert manifest["identity"] == {
-            "format": 2,
+            "format": 3,
+            "model": model_fingerprint(model),
+            "loss_fn": loss_fn_fingerprint(next_token_loss),
+            "featurizer": {
+                "loss_reduction": "sum",
+                "batch_first": True,
+                "allow_mixed_steps": False,
+            },
             "estimator": "projected",
             "seed": 3,
             "projection_size": 16,
@@ -676,16 +691,12 @@ def test_store_resumes_after_interruption_and_serves_other_query_sets(
     assert len(manifest["shards"]) == 2 and not manifest["complete"]
 
     calls = []
-
-    def counting_loss(model, batch):
-        calls.append(batch["tokens"].shape[0])
-        return next_token_loss(model, batch)
-
+    _count_forwards(est, calls)
     resumed = est.influence_across_checkpoints(
         checkpoints=[CheckpointSpec(path, weight=1.0)],
         train_loader=train_batches,
         query_loader=query_batches,
-        loss_fn=counting_loss,
+        loss_fn=next_token_loss,
         train_store=store,
     )
     torch.testing.assert_close(resumed.sdi, want.sdi)
@@ -698,7 +709,7 @@ def test_store_resumes_after_interruption_and_serves_other_query_sets(
         checkpoints=[CheckpointSpec(path, weight=1.0)],
         train_loader=train_batches,
         query_loader=other_query,
-        loss_fn=counting_loss,
+        loss_fn=next_token_loss,
         train_store=store,
     )
     assert calls == [2]  # train features came from disk
@@ -737,3 +748,121 @@ def test_store_refuses_another_checkpoint_with_the_same_name(
     second = run_influence(est, path, train_batches, query_batches, train_store=tmp_path / "s")
     assert len(list((tmp_path / "s").iterdir())) == 2
     assert not torch.allclose(first.sdi, second.sdi)
+
+
+# -- what a complete store's identity covers (issue 13, point 2) ----------------------------------
+
+
+def test_a_complete_store_refuses_other_train_examples_with_the_same_shapes(tmp_path, ckpt):
+    est, store = _est(), tmp_path / "store"
+    _run(est, ckpt, _train(), store)
+    other = random_token_batches(7, 3, SEQ, VOCAB, seed=99)  # same shapes, other examples
+    with pytest.raises(StoreMismatchError, match="train batch 0 differs"):
+        _run(est, ckpt, other, store)
+    last_changed = _train()[:2] + random_token_batches(1, 1, SEQ, VOCAB, seed=98)
+    with pytest.raises(StoreMismatchError, match="train batch 2 differs"):
+        _run(est, ckpt, last_changed, store)
+
+
+def test_a_complete_store_refuses_a_loader_that_grew_or_shrank(tmp_path, ckpt):
+    est, store = _est(), tmp_path / "store"
+    train = _train(12, 2)  # 6 batches
+    want = _run(est, ckpt, train, None).sdi
+    _run(est, ckpt, train, store)
+    calls = []
+    _count_forwards(est, calls)
+    grown = train + random_token_batches(12, 2, SEQ, VOCAB, seed=98)  # 12 -> 24 examples
+    with pytest.raises(StoreMismatchError, match="holds 6 train batches, .* yields at least 7"):
+        _run(est, ckpt, grown, store)
+    assert calls == [4]  # the query batch: the extra train batch was refused before featurising
+    with pytest.raises(StoreMismatchError, match="holds 6 shards, but the train loader yielded 3"):
+        _run(est, ckpt, train[:3], store)  # 12 -> 6 examples
+    assert torch.allclose(_run(est, ckpt, train, store).sdi, want, atol=1e-6)  # the store is intact
+
+
+def _halved_loss(model, batch):
+    return 0.5 * next_token_loss(model, batch)
+
+
+def test_a_complete_store_refuses_another_loss_fn_and_names_it(tmp_path, ckpt):
+    est, store = _est(), tmp_path / "store"
+    _run(est, ckpt, _train(), store)
+    with pytest.raises(StoreMismatchError, match="written for other settings: loss_fn: stored"):
+        _run(est, ckpt, _train(), store, loss_fn=_halved_loss)
+
+
+def test_a_complete_store_refuses_a_model_with_another_loop_count(tmp_path, ckpt):
+    store = tmp_path / "store"
+    _run(_est(), ckpt, _train(), store)
+    model = tiny_model(steps=4)  # the same parameters (the checkpoint loads), one step more
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=48, seed=5)
+    with pytest.raises(StoreMismatchError, match="written for other settings: model: stored"):
+        _run(est, ckpt, _train(), store)
+    with_matrix = est.influence_across_checkpoints(
+        checkpoints=[CheckpointSpec(str(ckpt), weight=1.0)],
+        train_loader=_train(),
+        query_loader=_query(),
+        loss_fn=next_token_loss,
+        with_step_matrix=True,
+        train_store=tmp_path / "store4",
+    )
+    assert with_matrix.sdi_matrix.shape == (7, 4, 4, 4)
+
+
+def test_a_store_refuses_other_featurizer_settings(tmp_path, ckpt):
+    store = tmp_path / "store"
+    _run(_est(), ckpt, _train(), store)
+    model = tiny_model()
+    est = ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=48, seed=5, loss_reduction="mean"
+    )
+    with pytest.raises(StoreMismatchError, match="featurizer: stored .*'loss_reduction': 'sum'"):
+        _run(est, ckpt, _train(), store)
+
+
+def test_a_checkpoint_folder_with_changed_files_gets_its_own_store(tmp_path):
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_checkpoint(folder / "weights.pt", tiny_model(seed=1))
+    (folder / "trainer_state.json").write_text("{}")
+
+    def run(est, store):
+        return est.influence_across_checkpoints(
+            checkpoints=[CheckpointSpec(str(folder), weight=1.0)],
+            train_loader=_train(),
+            query_loader=_query(),
+            loss_fn=next_token_loss,
+            load_checkpoint_fn=lambda path: torch.load(Path(path) / "weights.pt"),
+            train_store=store,
+        )
+
+    est, store = _est(), tmp_path / "store"
+    first = run(est, store)
+    save_checkpoint(folder / "weights.pt", tiny_model(seed=2))  # same folder name, new weights
+    second = run(est, store)
+    assert len(list(store.iterdir())) == 2  # identified by its files' content, not its name
+    assert torch.allclose(second.sdi, run(est, None).sdi, atol=1e-6)
+    assert not torch.allclose(first.sdi, second.sdi)
+
+
+class _CountingLoader(list):
+    """A list of batches that counts how often it is iterated."""
+
+    iterations = 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return super().__iter__()
+
+
+def test_trusting_the_loader_skips_reading_it_and_is_unsafe(tmp_path, ckpt, monkeypatch):
+    est, store = _est(), tmp_path / "store"
+    stored = _run(est, ckpt, _train(), store).sdi
+    checked = _CountingLoader(_train())
+    _run(est, ckpt, checked, store)
+    assert checked.iterations == 1  # by default a complete store reads and hashes the loader
+    monkeypatch.setenv("SDI_STORE_TRUST_TRAIN_LOADER", "1")
+    trusted = _CountingLoader(random_token_batches(7, 3, SEQ, VOCAB, seed=99))  # other examples
+    served = _run(est, ckpt, trusted, store).sdi
+    assert trusted.iterations == 0
+    assert torch.equal(served, stored)  # stale features: why the opt-out is documented as unsafe
