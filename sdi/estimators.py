@@ -16,7 +16,7 @@ Under ``torch.distributed`` the train batches are split over the ranks (:mod:`sd
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,7 @@ class _Estimator:
         train_store: str | Path | None = None,
         gather_to: distributed.GatherTo = 0,
         with_standard_errors: bool = False,
+        by_parameter: bool | Mapping[str, str] = False,
     ) -> InfluenceOutputs | None:
         """SDI and TracIn summed over checkpoints with weights ``eta_k``.
 
@@ -115,6 +116,12 @@ class _Estimator:
                 score estimated from the sketches alone (:mod:`sdi.uncertainty`). Over several
                 checkpoints they add as ``sum_k |eta_k| SE_k``: the tables are shared, so the
                 checkpoints' errors are correlated and this is an upper bound (exact for one).
+            by_parameter: also return ``sdi_by_parameter`` (``tracin_by_parameter`` in
+                ``mode="tracin"``), ``{group: share}`` shaped like ``sdi`` / ``tracin`` and adding
+                up to it to float rounding. ``True``: one group per selected parameter (named as in
+                ``model.named_parameters()``); ``{group: regex}``: a parameter joins the first group
+                (dict order) whose regex ``re.search``-es its name, unmatched ones ``"other"``; a
+                group left empty is refused (:mod:`sdi.parameter_groups`).
         The chunk sizes bound the temporaries of one contraction.
         """
         options = _options(locals())  # first: locals() are the call's arguments alone

@@ -16,6 +16,9 @@ class InfluenceOutputs:
     - ``sdi_matrix``: ``(N_train, N_query, steps_train, steps_query)`` when asked for
     - ``sdi_se``, ``tracin_se``: standard errors of ``sdi`` and ``tracin``, shaped like them, with
       ``with_standard_errors=True`` (projected estimator)
+    - ``sdi_by_parameter`` (``mode="sdi"``) or ``tracin_by_parameter`` (``mode="tracin"``): with
+      ``by_parameter``, ``{group: tensor shaped like sdi / tracin}``, each group's share; the shares
+      add up to ``sdi`` / ``tracin`` to float rounding (:mod:`sdi.parameter_groups`)
     """
 
     sdi: torch.Tensor | None
@@ -23,6 +26,8 @@ class InfluenceOutputs:
     sdi_matrix: torch.Tensor | None = None
     sdi_se: torch.Tensor | None = None
     tracin_se: torch.Tensor | None = None
+    sdi_by_parameter: dict[str, torch.Tensor] | None = None
+    tracin_by_parameter: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ CONTRACT = {
         ("query_chunk_size", None),
     ]
     + LOADING
-    + [("with_standard_errors", False)],
+    + [("with_standard_errors", False), ("by_parameter", False)],
     "top_influences": [("k", NO_DEFAULT)] + RUN + LOADING,
     "featurize_loader": [("loader", NO_DEFAULT), ("loss_fn", NO_DEFAULT), ("gather_to", "all")],
 }
