@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from . import distributed, influence, loaders, topk
+from . import distributed, explain, influence, loaders, topk
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .featurize import Featurizer, LossFn
 from .options import DEFAULT_MAX_QUERY_BYTES, RunOptions
-from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
+from .outputs import FeatureSet, InfluenceOutputs, PairExplanation, TopInfluences
 from .steps import StepPlan
 
 
@@ -159,6 +159,36 @@ class _Estimator:
         """
         options = _options(locals(), skip="k")  # first: locals() are the arguments alone
         return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+
+    def explain(
+        self,
+        *,
+        pairs: Sequence[tuple[int, int]],
+        checkpoints: Sequence[CheckpointSpec],
+        train_loader: Iterable[Any],
+        query_loader: Iterable[Any],
+        loss_fn: LossFn,
+        by_parameter: bool | Mapping[str, str] = True,
+        load_checkpoint_fn: Callable[[str | Path], dict[str, Any]] = default_load_checkpoint,
+        load_model_state_dict_fn: Callable[
+            [nn.Module, dict[str, Any]], None
+        ] = default_load_model_state_dict,
+        eta_from_checkpoint_fn: Callable[[dict[str, Any]], float] = default_eta_from_checkpoint,
+        progress: bool = False,
+        progress_desc: str = "checkpoints",
+    ) -> list[PairExplanation]:
+        """Where in the sequences and through which weights the SDI of each ``(train row, query
+        row)`` of ``pairs`` came from: one :class:`PairExplanation` per pair, in order, with
+        ``positions_train (T_i, steps_q)``, ``positions_query (T_j, steps_q)`` and
+        ``by_parameter (groups, steps_q)`` (groups as in :meth:`influence_across_checkpoints`),
+        each summing over its first axis to the pair's SDI (see :mod:`sdi.explain`).
+
+        Cost grows with the pairs, not the data: only the batches holding an explained example are
+        featurised, ``1 + T`` times each (``T`` their positions). One process computes it all
+        (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
+        """
+        options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
+        return explain.explain(self._featurizer, options, pairs)
 
 
 def _options(arguments: dict[str, Any], skip: str | None = None) -> RunOptions:

@@ -61,3 +61,26 @@ class FeatureSet:
     @property
     def n(self) -> int:
         return int(next(iter(self.phi.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class PairExplanation:
+    """Where in the sequences and through which weights one (train, query) pair's SDI came from
+    (:mod:`sdi.explain`), summed over checkpoints, fp32 on the CPU.
+
+    - ``train``, ``query``: the pair's rows in the train and query loaders
+    - ``sdi (steps_q,)``: the pair's SDI
+    - ``positions_train (T_train, steps_q)``: the share of each position of the train sequence
+    - ``positions_query (T_query, steps_q)``: the share of each position of the query sequence
+    - ``by_parameter (groups, steps_q)``: the share of each parameter group, named by ``groups``
+
+    Each of the last three sums over its first axis to ``sdi`` (to float rounding).
+    """
+
+    train: int
+    query: int
+    sdi: torch.Tensor
+    positions_train: torch.Tensor
+    positions_query: torch.Tensor
+    by_parameter: torch.Tensor
+    groups: tuple[str, ...]

@@ -1,0 +1,183 @@
+"""Pair explanations (sdi.explain): the position split equals autograd with the grad-output masked
+to one position, and positions / parameter groups add up to the pair's SDI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    ESTIMATORS,
+    full_grads,
+    per_use_grads,
+    run_influence,
+    save_checkpoint,
+    stacked,
+    two_checkpoints,
+)
+from torch.func import grad, vmap
+
+from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
+from sdi.toy import next_token_loss, random_token_batches
+
+
+def _masked(f, copies, x):
+    """``sum_p mask_p * f(x; copies[p])``: equal to ``f(x)`` (the copies are equal), and the
+    gradient w.r.t. ``copies[p]`` is the vjp of ``f`` with its grad-output masked to position p."""
+    out = 0
+    for p, params in enumerate(copies):
+        y = f(x, params)
+        mask = torch.zeros(y.shape[1], dtype=y.dtype)
+        mask[p] = 1
+        out = out + y * mask.view(1, -1, *([1] * (y.dim() - 2)))
+    return out
+
+
+def _block(model, x, copies):
+    """The toy LoopedBlock written out with F ops, every submodule's output split by position."""
+    core = model.core
+    B, T, D = x.shape
+    H = core.n_heads
+    qkv = _masked(lambda i, p: F.linear(i, p["qkv.weight"]), copies, x)
+    q, k, v = qkv.view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+    x = x + _masked(lambda i, p: F.linear(i, p["proj.weight"]), copies, attn)
+    norm = lambda i, p: F.layer_norm(i, (D,), p["norm.weight"], p["norm.bias"], core.norm.eps)  # noqa: E731
+    h = _masked(norm, copies, x)
+    h = _masked(lambda i, p: F.linear(i, p["fc1.weight"], p["fc1.bias"]), copies, h)
+    return x + _masked(lambda i, p: F.linear(i, p["fc2.weight"], p["fc2.bias"]), copies, F.gelu(h))
+
+
+def per_position_grads(model, tokens):
+    """``(N, steps, T, P)``: per example, the gradient of use ``s`` of the core with every
+    submodule's grad-output masked to position ``p`` (independent copies per step and position),
+    parameters in ``model.core.named_parameters()`` order, flattened."""
+    core = {k: v.detach() for k, v in model.core.named_parameters()}
+    names = list(core)
+    T = tokens.shape[1]
+    copies = [[dict(core) for _ in range(T)] for _ in range(model.loop_steps)]
+
+    def loss_one(copies, toks):
+        toks = toks[None]
+        x = model.embed(toks) + model.pos[: toks.shape[1]]
+        for step in copies:
+            x = _block(model, x, step)
+        logits = model.head(x)[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1))
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0))(copies, tokens)
+    n = tokens.shape[0]
+    return torch.stack(
+        [
+            torch.stack([torch.cat([g[k].reshape(n, -1) for k in names], 1) for g in step], 1)
+            for step in grads
+        ],
+        1,
+    )
+
+
+def _explain(est, path, train, query, pairs, **kw):
+    return est.explain(
+        pairs=pairs,
+        checkpoints=[CheckpointSpec(path)] if isinstance(path, str) else path,
+        train_loader=train,
+        query_loader=query,
+        loss_fn=next_token_loss,
+        **kw,
+    )
+
+
+def test_the_block_written_out_is_the_toy_block(model):
+    x = torch.randn(2, 7, 12)
+    copies = [dict(model.core.named_parameters()) for _ in range(7)]
+    torch.testing.assert_close(_block(model, x, copies), model.core(x))
+
+
+def test_exact_position_split_equals_masked_autograd(tmp_path, model, train_batches, query_batches):
+    path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.5)  # weight 0.5
+    pairs = [(5, 2), (0, 3), (5, 0)]  # train 5 sits in the second batch, with two queries
+    est = FullGradientTracInSDI(model=model, target_modules=model.core)
+    got = _explain(est, path, train_batches, query_batches, pairs)
+    train, query = stacked(train_batches), stacked(query_batches)
+    pos_train = per_position_grads(model, train).double().sum(1)  # (N_tr, T, P)
+    pos_query = per_position_grads(model, query).double()  # (N_q, steps, T, P)
+    g_train = full_grads(model, train).double()
+    phi_query = per_use_grads(model, query).double()
+    # the split adds up to the per-use gradients: the reference is a decomposition
+    torch.testing.assert_close(pos_query.sum(2), phi_query, rtol=1e-5, atol=1e-7)
+    for e, (i, j) in zip(got, pairs, strict=True):
+        assert (e.train, e.query) == (i, j)
+        assert e.positions_train.shape == (7, 3) and e.positions_query.shape == (7, 3)
+        want_train = 0.5 * torch.einsum("pd,td->pt", pos_train[i], phi_query[j])
+        want_query = 0.5 * torch.einsum("d,tpd->pt", g_train[i], pos_query[j])
+        want_sdi = 0.5 * phi_query[j] @ g_train[i]
+        torch.testing.assert_close(e.positions_train.double(), want_train, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(e.positions_query.double(), want_query, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(e.sdi.double(), want_sdi, rtol=1e-4, atol=1e-7)
+        # the last position predicts nothing: its train-side share is zero (no loss term there)
+        assert e.positions_train[-1].abs().max() < 1e-7 < e.positions_train[0].abs().max()
+
+
+@pytest.mark.parametrize("make", ESTIMATORS)
+def test_positions_and_groups_add_up_to_the_pairs_sdi(tmp_path, make, train_batches):
+    a, _, specs = two_checkpoints(tmp_path, 0.5, -2.0)
+    query = random_token_batches(5, 2, 7, 19, seed=3)
+    est = make(model=a, target_modules=a.core)
+    groups = {"attention": "qkv|proj", "mlp": "fc"}
+    pairs = [(6, 4), (1, 0), (1, 0)]
+    got = _explain(est, specs, train_batches, query, pairs, by_parameter=groups)
+    dense = run_influence(est, specs, train_batches, query, by_parameter=groups)
+    assert torch.equal(got[1].positions_train, got[2].positions_train)  # a repeated pair: same
+    for e, (i, j) in zip(got, pairs, strict=True):
+        assert e.groups == ("attention", "mlp", "other") and e.by_parameter.shape == (3, 3)
+        torch.testing.assert_close(e.sdi, dense.sdi[i, j], rtol=1e-4, atol=1e-6)
+        for name, share in zip(e.groups, e.by_parameter, strict=True):
+            torch.testing.assert_close(
+                share, dense.sdi_by_parameter[name][i, j], rtol=1e-4, atol=1e-6
+            )
+        torch.testing.assert_close(e.positions_train.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(e.positions_query.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(e.by_parameter.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+
+
+def test_projected_positions_approach_the_exact_ones(tmp_path, model, train_batches, query_batches):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    exact = _explain(
+        FullGradientTracInSDI(model=model, target_modules=model.core),
+        path,
+        train_batches,
+        query_batches,
+        [(2, 1)],
+    )[0]
+    errors = {}
+    for m in (16, 4096):
+        runs = [
+            _explain(
+                ProjectedTracInSDI(
+                    model=model, target_modules=model.core, projection_size=m, seed=s
+                ),
+                path,
+                train_batches,
+                query_batches,
+                [(2, 1)],
+            )[0]
+            for s in range(3)
+        ]
+        errors[m] = sum(
+            (r.positions_train - exact.positions_train).norm() / exact.positions_train.norm()
+            for r in runs
+        ) / len(runs)
+    assert errors[4096] < 0.25 * errors[16] and errors[4096] < 0.2, errors
+
+
+def test_bad_pairs_are_named(tmp_path, model, train_batches, query_batches):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = FullGradientTracInSDI(model=model, target_modules=model.core)
+    with pytest.raises(IndexError, match="train_loader has 7 rows; explain asked for row 9"):
+        _explain(est, path, train_batches, query_batches, [(9, 0)])
+    with pytest.raises(IndexError, match="query_loader has 4 rows"):
+        _explain(est, path, train_batches, query_batches, [(0, 4)])
+    with pytest.raises(ValueError, match="pairs must be"):
+        _explain(est, path, train_batches, query_batches, [(0, -1)])
+    with pytest.raises(ValueError, match="pairs is empty"):
+        _explain(est, path, train_batches, query_batches, [])
