@@ -181,3 +181,87 @@ def test_bad_pairs_are_named(tmp_path, model, train_batches, query_batches):
         _explain(est, path, train_batches, query_batches, [(0, -1)])
     with pytest.raises(ValueError, match="pairs is empty"):
         _explain(est, path, train_batches, query_batches, [])
+
+
+def _masked_autograd(model, params, loss_fn, batches, position):
+    """Per example, the gradient of ``params`` with the grad-output of every module owning one of
+    them masked to ``position`` (plain autograd, one example at a time): ``(N, P)``.
+
+    A forward hook adds ``(mask - 1) * (y_W - y_W.detach())``, ``y_W`` the module re-run on detached
+    inputs: the value and the gradient flowing to the inputs are unchanged, the gradient reaching
+    the module's own parameters is the masked one.
+    """
+    owned = {id(p) for p in params}
+    owners = [
+        m for m in model.modules() if any(id(p) in owned for p in m.parameters(recurse=False))
+    ]
+    busy = []
+
+    def hook(module, args, output):
+        if busy:
+            return None
+        busy.append(module)
+        try:
+            again = module(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        finally:
+            busy.pop()
+        mask = torch.zeros(output.shape[1], dtype=output.dtype)
+        mask[position] = 1
+        mask = mask.view(1, -1, *([1] * (output.dim() - 2)))
+        return output + (mask - 1) * (again - again.detach())
+
+    handles = [m.register_forward_hook(hook) for m in owners]
+    try:
+        rows = []
+        for batch in batches:
+            for i in range(batch["tokens"].shape[0]):
+                loss = loss_fn(model, {"tokens": batch["tokens"][i : i + 1]}).sum()
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+        return torch.stack(rows)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_hf_albert_position_split_through_the_generic_rule_equals_masked_autograd(
+    tmp_path, monkeypatch
+):
+    import torch.nn as nn
+    from looped_lm import per_example_grads
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from test_hf_models import _albert, _batches, _hf_loss
+
+    from sdi.rules import GENERIC, RULES
+
+    for kind in (nn.Linear, nn.Embedding):
+        monkeypatch.setitem(RULES, kind, GENERIC)
+    monkeypatch.setattr(GradSampleModule, "GRAD_SAMPLERS", {})
+    torch.manual_seed(3)
+    model, target, _ = _albert()
+    path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.5)
+    train, query = _batches(3, seed=1, per_batch=2), _batches(2, seed=2)
+    est = FullGradientTracInSDI(model=model, target_modules=target)
+    assert all(est._featurizer.rules.rule_of(b.module) is GENERIC for b in est._featurizer.blocks)
+    (e,) = est.explain(
+        pairs=[(2, 1)],
+        checkpoints=[CheckpointSpec(path)],
+        train_loader=train,
+        query_loader=query,
+        loss_fn=_hf_loss,
+    )
+    est.close()
+    params = list(dict.fromkeys(p for p in target.parameters() if p.requires_grad))
+    g_train = per_example_grads(model, params, _hf_loss, train)[2]
+    g_query = per_example_grads(model, params, _hf_loss, query)[1]
+    T = train[0]["tokens"].shape[1]
+    want_train = torch.stack(
+        [0.5 * _masked_autograd(model, params, _hf_loss, train, p)[2] @ g_query for p in range(T)]
+    )
+    want_query = torch.stack(
+        [0.5 * g_train @ _masked_autograd(model, params, _hf_loss, query, p)[1] for p in range(T)]
+    )
+    torch.testing.assert_close(want_train.sum(), 0.5 * g_train @ g_query, rtol=1e-4, atol=1e-7)
+    # summed over the query's steps (plain autograd has no per-step split)
+    torch.testing.assert_close(e.positions_train.sum(1), want_train, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(e.positions_query.sum(1), want_query, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(e.positions_train.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
