@@ -16,13 +16,14 @@ Under ``torch.distributed`` the train batches are split over the ranks (:mod:`sd
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch.nn as nn
 
-from . import distributed, explain, influence, loaders, topk
+from . import distributed, influence, loaders, topk
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -30,6 +31,7 @@ from .checkpoints import (
     default_load_checkpoint,
     default_load_model_state_dict,
 )
+from .explain import explain as explain_pairs
 from .featurize import Featurizer, LossFn
 from .options import DEFAULT_MAX_QUERY_BYTES, RunOptions
 from .outputs import FeatureSet, InfluenceOutputs, PairExplanation, TopInfluences
@@ -147,6 +149,7 @@ class _Estimator:
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
         train_store: str | Path | None = None,
         gather_to: distributed.GatherTo = 0,
+        explain: bool | Mapping[str, str] = False,
     ) -> TopInfluences | None:
         """The ``k`` most and least influential train examples per query, with SDI trajectories.
 
@@ -156,9 +159,27 @@ class _Estimator:
         Sharded over processes, each rank ranks and traces its own rows and the ranks' top ``k``
         are merged on ``gather_to`` (a rank or ``"all"``; the others get ``None``). Other arguments
         as in :meth:`influence_across_checkpoints`.
+
+        ``explain=True`` (or ``{group: regex}``, the groups of ``by_parameter``) also explains every
+        returned pair (:meth:`explain`): ``most_explanations`` / ``least_explanations``, per query
+        a list of :class:`PairExplanation` in the order of ``*_indices``. It costs ``1 + T``
+        featurisations of each batch holding a selected example, on the receiving rank.
         """
-        options = _options(locals(), skip="k")  # first: locals() are the arguments alone
-        return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+        options = _options(locals(), skip=("k", "explain"))  # first: locals() are the arguments
+        top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+        if top is None or explain is False or explain is None:
+            return top
+        ranked = {"most": top.most_indices.tolist(), "least": top.least_indices.tolist()}
+        pairs = [(i, j) for rows in ranked.values() for j, row in enumerate(rows) for i in row]
+        grouped = dataclasses.replace(options, by_parameter=explain)
+        found = dict(zip(pairs, explain_pairs(self._featurizer, grouped, pairs), strict=True))
+        return dataclasses.replace(
+            top,
+            **{
+                f"{side}_explanations": [[found[(i, j)] for i in row] for j, row in enumerate(rows)]
+                for side, rows in ranked.items()
+            },
+        )
 
     def explain(
         self,
@@ -188,13 +209,14 @@ class _Estimator:
         (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
         """
         options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
-        return explain.explain(self._featurizer, options, pairs)
+        return explain_pairs(self._featurizer, options, pairs)
 
 
-def _options(arguments: dict[str, Any], skip: str | None = None) -> RunOptions:
+def _options(arguments: dict[str, Any], skip: str | tuple[str, ...] = ()) -> RunOptions:
     """The :class:`RunOptions` of a public method's keyword arguments (its ``locals()`` on entry,
     less ``self`` and ``skip``): the signature spells the keywords out, this passes them on."""
-    return RunOptions(**{k: v for k, v in arguments.items() if k not in ("self", skip)})
+    skip = (skip,) if isinstance(skip, str) else skip
+    return RunOptions(**{k: v for k, v in arguments.items() if k != "self" and k not in skip})
 
 
 class ProjectedTracInSDI(_Estimator):

@@ -37,6 +37,8 @@ class TopInfluences:
     Row ``j`` belongs to query ``j`` (query loader order); indices are rows of the train loader.
     ``*_indices (N_query, k)`` int64, ``*_tracin (N_query, k)``, ``*_sdi (N_query, k, steps_query)``;
     ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
+    ``*_explanations``: with ``explain=True``, per query the :class:`PairExplanation` of each of
+    its ``*_indices`` (a list of ``N_query`` lists of ``k``).
     """
 
     most_indices: torch.Tensor
@@ -45,6 +47,8 @@ class TopInfluences:
     least_indices: torch.Tensor
     least_tracin: torch.Tensor
     least_sdi: torch.Tensor
+    most_explanations: list[list[PairExplanation]] | None = None
+    least_explanations: list[list[PairExplanation]] | None = None
 
 
 @dataclass(frozen=True)

@@ -265,3 +265,32 @@ def test_hf_albert_position_split_through_the_generic_rule_equals_masked_autogra
     torch.testing.assert_close(e.positions_train.sum(1), want_train, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(e.positions_query.sum(1), want_query, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(e.positions_train.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+
+
+def test_top_influences_explains_the_pairs_it_returns(tmp_path, model, train_batches):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    query = random_token_batches(3, 2, 7, 19, seed=5)
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=64, seed=2)
+    common = dict(
+        k=2,
+        checkpoints=[CheckpointSpec(path)],
+        train_loader=train_batches,
+        query_loader=query,
+        loss_fn=next_token_loss,
+    )
+    top = est.top_influences(explain={"mlp": "fc"}, **common)
+    plain = est.top_influences(**common)
+    assert plain.most_explanations is None and plain.least_explanations is None
+    for side in ("most", "least"):
+        indices, sdi = getattr(top, f"{side}_indices"), getattr(top, f"{side}_sdi")
+        explanations = getattr(top, f"{side}_explanations")
+        assert len(explanations) == 3 and all(len(row) == 2 for row in explanations)
+        for j, row in enumerate(explanations):
+            for r, e in enumerate(row):
+                assert (e.train, e.query) == (int(indices[j, r]), j) and e.groups == (
+                    "mlp",
+                    "other",
+                )
+                torch.testing.assert_close(e.sdi, sdi[j, r], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(e.positions_train.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(e.by_parameter.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
