@@ -3,6 +3,12 @@ to one position, and positions / parameter groups add up to the pair's SDI."""
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault(
+    "TRITON_INTERPRET", "1"
+)  # for the Triton backend test; read at kernel definition
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +300,31 @@ def test_top_influences_explains_the_pairs_it_returns(tmp_path, model, train_bat
                 torch.testing.assert_close(e.sdi, sdi[j, r], rtol=1e-4, atol=1e-6)
                 torch.testing.assert_close(e.positions_train.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
                 torch.testing.assert_close(e.by_parameter.sum(0), e.sdi, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_backend_explains_like_torch_with_embedding_and_readout(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from sdi.toy import LoopedTransformer
+
+    torch.manual_seed(8)
+    model = LoopedTransformer(vocab=23, d_model=12, n_heads=2, loop_steps=2, max_len=4).eval()
+    targets = [model.embed, model.core, model.head]  # Embedding prelude, loop, Linear readout
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    train = random_token_batches(4, 2, 4, 23, seed=1)
+    query = random_token_batches(2, 2, 4, 23, seed=2)
+    got = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("SDI_BACKEND", name)
+        est = ProjectedTracInSDI(
+            model=model, target_modules=targets, projection_size=64, seed=3, allow_mixed_steps=True
+        )
+        assert est._featurizer.rules.backend.name == name
+        (got[name],) = _explain(est, path, train, query, [(3, 1)], by_parameter={"embed": "embed"})
+        est.close()
+    a, b = got["torch"], got["triton"]
+    assert a.positions_train.shape == (4, 4) and a.groups == ("embed", "other")  # 2 loop + 2 slots
+    for field in ("sdi", "positions_train", "positions_query", "by_parameter"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.positions_train.sum(0), a.sdi, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.positions_query.sum(0), a.sdi, rtol=1e-4, atol=1e-6)
+    assert a.by_parameter[0].abs().max() > 0  # the embedding's share is there
