@@ -174,3 +174,20 @@ def test_by_parameter_with_every_parameter_matched_has_no_other(tmp_path, model,
     )
     with pytest.raises(ValueError, match=r"\['nothing'\] hold no selected parameter"):
         run_influence(est, path, train_batches, query, by_parameter={"nothing": "xyz"})
+
+
+def test_by_parameter_alongside_a_train_store_and_the_step_matrix(tmp_path, model, train_batches):
+    query = random_token_batches(3, 3, 7, 19, seed=6)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = sketched(model)
+    plain = run_influence(est, path, train_batches, query, by_parameter=True)
+    kw = dict(by_parameter=True, with_step_matrix=True, train_store=tmp_path / "store")
+    written = run_influence(est, path, train_batches, query, **kw)
+    read = run_influence(est, path, train_batches, query, **kw)  # from the store
+    for out in (written, read):
+        assert list(out.sdi_by_parameter) == list(plain.sdi_by_parameter)
+        for name, share in plain.sdi_by_parameter.items():
+            torch.testing.assert_close(out.sdi_by_parameter[name], share, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            sum(out.sdi_by_parameter.values()), out.sdi, rtol=1e-5, atol=1e-6
+        )
