@@ -9,7 +9,9 @@
    with the step x step matrix, and checks it against the exact baseline;
 3. prints, per query, the top training strings and their influence at each loop step, and how the
    influence of the top ones is spread over the steps;
-4. saves the plots of :mod:`sdi.plot` (to a temporary folder unless ``--out`` is given).
+4. explains the top (train, query) pair exactly (``explain``): which bit positions of each string
+   and which weights (attention or MLP) carried its influence, at which step;
+5. saves the plots of :mod:`sdi.plot` (to a temporary folder unless ``--out`` is given).
 
 A looped model can compute running parity one position per loop step (position ``t`` needs the
 parity at ``t - 1``), so the loop steps have distinct jobs and SDI can tell them apart.
@@ -85,6 +87,44 @@ def train(model: LoopedTransformer, pool: dict, held_out: dict, out: Path) -> li
     return specs
 
 
+def explain_top_pair(est, tracin, train_set, queries, common, out: Path) -> list[Path]:
+    """Print and plot where (bit positions) and through which weights the top pair's SDI came."""
+    i, j = divmod(int(tracin.argmax()), tracin.shape[1])
+    (e,) = est.explain(
+        pairs=[(i, j)],
+        by_parameter={"attention": r"qkv|proj", "mlp": r"fc"},
+        **{k: v for k, v in common.items() if k != "mode"},
+    )
+    labels = {
+        side: [f"{p}:{b}" for p, b in enumerate(data["bits"][row].tolist())]
+        for side, data, row in (("train", train_set, i), ("query", queries, j))
+    }
+    print(f"\ntop pair: train {i}, query {j} (exact explanation)")
+    for side in ("train", "query"):
+        shares = getattr(e, f"positions_{side}")
+        print(f"  {side} bit positions (position:bit), share of SDI summed over steps:")
+        print(
+            "    "
+            + "  ".join(
+                f"{t} {v:+.2e}" for t, v in zip(labels[side], shares.sum(1).tolist(), strict=True)
+            )
+        )
+        peak = shares.abs().argmax(0).tolist()
+        print(f"    position with the largest |share| at each query step: {peak}")
+    for name, share in zip(e.groups, e.by_parameter, strict=True):
+        print(f"  {name:>9}: per step " + " ".join(f"{v:+.2e}" for v in share.tolist()))
+    from matplotlib.figure import Figure  # only here: the plots need matplotlib
+
+    fig = Figure(figsize=(18, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    plot.position_step_heatmap(e, side="train", tokens=labels["train"], ax=axes[0])
+    plot.position_step_heatmap(e, side="query", tokens=labels["query"], ax=axes[1])
+    plot.parameter_step_plot(e, ax=axes[2])
+    path = out / "explain_top_pair.png"
+    fig.savefig(path, dpi=110)
+    return [path]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +161,6 @@ def main() -> None:
         est.close()
         exact_est = FullGradientTracInSDI(model=model, target_modules=model.core)
         exact = exact_est.influence_across_checkpoints(**common)
-        exact_est.close()
         rel = ((res.sdi - exact.sdi).norm() / exact.sdi.norm()).item()
         print(
             f"SDI {tuple(res.sdi.shape)} over {len(specs)} checkpoints; "
@@ -151,6 +190,8 @@ def main() -> None:
             plot.step_influence(res.sdi, j, k=args.top, path=paths[1])
             plot.step_matrix_heatmap(res.sdi_matrix, int(top[0]), j, path=paths[2])
             saved += paths
+        saved += explain_top_pair(exact_est, res.tracin, train_set, queries, common, out)
+        exact_est.close()
         print(
             f"\nsaved {len(saved)} plots to {out}"
             + ("" if args.out else " (a temporary folder: pass --out to keep them)")

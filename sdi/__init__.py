@@ -8,7 +8,7 @@ __version__ = "0.2.0"  # before the imports: sdi.estimators records it in featur
 from .backend import backend_info
 from .checkpoints import CheckpointSpec
 from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
-from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
+from .outputs import FeatureSet, InfluenceOutputs, PairExplanation, TopInfluences
 from .rules import ModuleRule, register_rule
 from .steps import StepPlan
 
@@ -19,6 +19,7 @@ __all__ = [
     "InfluenceOutputs",
     "FeatureSet",
     "TopInfluences",
+    "PairExplanation",
     "backend_info",
     "ModuleRule",
     "register_rule",

@@ -18,7 +18,8 @@ others at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,9 +33,10 @@ from .checkpoints import (
     default_load_checkpoint,
     default_load_model_state_dict,
 )
+from .explain import explain as explain_pairs
 from .featurize import Featurizer, LossFn
 from .options import DEFAULT_MAX_QUERY_BYTES, RunOptions
-from .outputs import FeatureSet, InfluenceOutputs, TopInfluences
+from .outputs import FeatureSet, InfluenceOutputs, PairExplanation, TopInfluences
 from .steps import StepPlan
 
 
@@ -96,6 +98,7 @@ class _Estimator:
         train_store: str | Path | None = None,
         gather_to: distributed.GatherTo = 0,
         with_standard_errors: bool = False,
+        by_parameter: bool | Mapping[str, str] = False,
     ) -> InfluenceOutputs | None:
         """SDI and TracIn summed over checkpoints with weights ``eta_k``.
 
@@ -120,6 +123,12 @@ class _Estimator:
                 score estimated from the sketches alone (:mod:`sdi.uncertainty`). Over several
                 checkpoints they add as ``sum_k |eta_k| SE_k``: the tables are shared, so the
                 checkpoints' errors are correlated and this is an upper bound (exact for one).
+            by_parameter: also return ``sdi_by_parameter`` (``tracin_by_parameter`` in
+                ``mode="tracin"``), ``{group: share}`` shaped like ``sdi`` / ``tracin`` and adding
+                up to it to float rounding. ``True``: one group per selected parameter (named as in
+                ``model.named_parameters()``); ``{group: regex}``: a parameter joins the first group
+                (dict order) whose regex ``re.search``-es its name, unmatched ones ``"other"``; a
+                group left empty is refused (:mod:`sdi.parameter_groups`).
         The chunk sizes bound the temporaries of one contraction.
         """
         with distributed.failures_shared(self._featurizer.device):
@@ -146,6 +155,7 @@ class _Estimator:
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
         train_store: str | Path | None = None,
         gather_to: distributed.GatherTo = 0,
+        explain: bool | Mapping[str, str] = False,
     ) -> TopInfluences | None:
         """The ``k`` most and least influential train examples per query, with SDI trajectories.
 
@@ -155,16 +165,67 @@ class _Estimator:
         Sharded over processes, each rank ranks and traces its own rows and the ranks' top ``k``
         are merged on ``gather_to`` (a rank or ``"all"``; the others get ``None``). Other arguments
         as in :meth:`influence_across_checkpoints`.
+
+        ``explain=True`` (or ``{group: regex}``, the groups of ``by_parameter``) also explains every
+        returned pair (:meth:`explain`): ``most_explanations`` / ``least_explanations``, per query
+        a list of :class:`PairExplanation` in the order of ``*_indices``. It costs ``1 + T``
+        featurisations of each batch holding a selected example, on the receiving rank.
         """
         with distributed.failures_shared(self._featurizer.device):
-            options = _options(locals(), skip="k")  # first: locals() are the arguments alone
-            return topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+            options = _options(locals(), skip=("k", "explain"))  # first: locals() = the arguments
+            top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
+            if top is None or explain is False or explain is None:
+                return top
+            ranked = {"most": top.most_indices.tolist(), "least": top.least_indices.tolist()}
+            pairs = [(i, j) for rows in ranked.values() for j, row in enumerate(rows) for i in row]
+            grouped = dataclasses.replace(options, by_parameter=explain)
+            found = dict(zip(pairs, explain_pairs(self._featurizer, grouped, pairs), strict=True))
+            return dataclasses.replace(
+                top,
+                **{
+                    f"{side}_explanations": [
+                        [found[(i, j)] for i in row] for j, row in enumerate(rows)
+                    ]
+                    for side, rows in ranked.items()
+                },
+            )
+
+    def explain(
+        self,
+        *,
+        pairs: Sequence[tuple[int, int]],
+        checkpoints: Sequence[CheckpointSpec],
+        train_loader: Iterable[Any],
+        query_loader: Iterable[Any],
+        loss_fn: LossFn,
+        by_parameter: bool | Mapping[str, str] = True,
+        load_checkpoint_fn: Callable[[str | Path], dict[str, Any]] = default_load_checkpoint,
+        load_model_state_dict_fn: Callable[
+            [nn.Module, dict[str, Any]], None
+        ] = default_load_model_state_dict,
+        eta_from_checkpoint_fn: Callable[[dict[str, Any]], float] = default_eta_from_checkpoint,
+        progress: bool = False,
+        progress_desc: str = "checkpoints",
+    ) -> list[PairExplanation]:
+        """Where in the sequences and through which weights the SDI of each ``(train row, query
+        row)`` of ``pairs`` came from: one :class:`PairExplanation` per pair, in order, with
+        ``positions_train (T_i, steps_q)``, ``positions_query (T_j, steps_q)`` and
+        ``by_parameter (groups, steps_q)`` (groups as in :meth:`influence_across_checkpoints`),
+        each summing over its first axis to the pair's SDI (see :mod:`sdi.explain`).
+
+        Cost grows with the pairs, not the data: only the batches holding an explained example are
+        featurised, ``1 + T`` times each (``T`` their positions). One process computes it all
+        (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
+        """
+        options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
+        return explain_pairs(self._featurizer, options, pairs)
 
 
-def _options(arguments: dict[str, Any], skip: str | None = None) -> RunOptions:
+def _options(arguments: dict[str, Any], skip: str | tuple[str, ...] = ()) -> RunOptions:
     """The :class:`RunOptions` of a public method's keyword arguments (its ``locals()`` on entry,
     less ``self`` and ``skip``): the signature spells the keywords out, this passes them on."""
-    return RunOptions(**{k: v for k, v in arguments.items() if k not in ("self", skip)})
+    skip = (skip,) if isinstance(skip, str) else skip
+    return RunOptions(**{k: v for k, v in arguments.items() if k != "self" and k not in skip})
 
 
 class ProjectedTracInSDI(_Estimator):

@@ -16,7 +16,7 @@ Each takes optional chunk sizes that bound the temporaries of one matmul.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -26,7 +26,10 @@ from .chunking import tiles
 from .featurize import Featurizer
 from .options import RunOptions
 from .outputs import InfluenceOutputs
+from .parameter_groups import ParameterGroup, parameter_groups
 from .passes import Pair, checkpoint_passes
+
+BY_PARAMETER = "_by_parameter/"  # key prefix of a group's share: "sdi_by_parameter/<group>"
 
 
 def query_sdi(
@@ -91,6 +94,9 @@ def influence_across_checkpoints(
     if options.with_standard_errors:
         columns = [b.columns for b in featurizer.blocks]
         errors_of = partial(uncertainty.SketchErrors, columns=columns, m=featurizer.rules.m)
+    groups = None
+    if options.by_parameter not in (False, None):
+        groups = parameter_groups(featurizer.blocks, options.by_parameter)
     totals: dict[str, torch.Tensor] | None = None
     counts: list[int] = []
     for checkpoint in checkpoint_passes(
@@ -101,7 +107,7 @@ def influence_across_checkpoints(
         per_step_query=options.mode == "sdi",
         estimator=estimator,
     ):
-        scores = checkpoint_scores(checkpoint.pairs, options, errors_of)
+        scores = checkpoint_scores(checkpoint.pairs, options, errors_of, groups)
         totals = accumulate(totals, scores, checkpoint.weight)
         counts = checkpoint.train.counts
     totals = sharding.gather(totals, counts)
@@ -112,9 +118,14 @@ def checkpoint_scores(
     pairs: Iterable[Pair],
     options: RunOptions,
     errors_of: Callable[[torch.Tensor], uncertainty.SketchErrors] | None = None,
+    groups: Sequence[ParameterGroup] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One checkpoint's outputs from its pairs: ``{"sdi" or "tracin", ["sdi_matrix"], [*_se]}``,
-    each ``(n_train, N_query, ...)`` (this rank's train rows).
+    """One checkpoint's outputs from its pairs: ``{"sdi" or "tracin", ["sdi_matrix"], [*_se],
+    ["sdi_by_parameter/<group>" or "tracin_by_parameter/<group>"]}``, each
+    ``(n_train, N_query, ...)`` (this rank's train rows).
+
+    ``groups`` (:func:`sdi.parameter_groups.parameter_groups`) adds each group's share: the same
+    contraction restricted to the group's columns.
 
     ``errors_of(query)`` builds the :class:`sdi.uncertainty.SketchErrors` of a query chunk (given
     for ``with_standard_errors``); the query is per-step in ``mode="sdi"``, summed otherwise.
@@ -130,10 +141,12 @@ def checkpoint_scores(
                 raise ValueError(f"train batches have different step counts: {sorted(train_steps)}")
             _put(blocks, j0, "sdi_matrix", step_matrix(feats, query, *options.chunks))
             feats = feats.sum(dim=1)
-        if sdi:
-            _put(blocks, j0, "sdi", query_sdi(feats, query, *options.chunks))
-        else:
-            _put(blocks, j0, "tracin", tracin(feats, query, *options.chunks))
+        contract = query_sdi if sdi else tracin
+        key = "sdi" if sdi else "tracin"
+        _put(blocks, j0, key, contract(feats, query, *options.chunks))
+        for group in groups or ():
+            share = contract(group.select(feats), group.select(query), *options.chunks)
+            _put(blocks, j0, f"{key}{BY_PARAMETER}{group.name}", share)
         if errors_of is not None:
             if errors is None or errors[0] != j0:
                 errors = (j0, errors_of(query if sdi else query[:, None]))
@@ -176,11 +189,17 @@ def accumulate(
 def assemble(totals: dict[str, torch.Tensor], mode: str) -> InfluenceOutputs:
     """The :class:`InfluenceOutputs` of summed ``totals`` (TracIn of SDI is its sum over steps)."""
     errors = dict(sdi_se=totals.get("sdi_se"), tracin_se=totals.get("tracin_se"))
+    key = "sdi" if mode == "sdi" else "tracin"
+    prefix = key + BY_PARAMETER
+    shares = {k[len(prefix) :]: v for k, v in totals.items() if k.startswith(prefix)} or None
     if mode == "tracin":
-        return InfluenceOutputs(sdi=None, tracin=totals["tracin"], **errors)
+        return InfluenceOutputs(
+            sdi=None, tracin=totals["tracin"], tracin_by_parameter=shares, **errors
+        )
     return InfluenceOutputs(
         sdi=totals["sdi"],
         tracin=totals["sdi"].sum(dim=2),
         sdi_matrix=totals.get("sdi_matrix"),
+        sdi_by_parameter=shares,
         **errors,
     )

@@ -7,7 +7,7 @@ The public methods (:mod:`sdi.estimators`) keep the drop-in keyword lists of 0.1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ class RunOptions:
     train_chunk_size: int | None = None
     query_chunk_size: int | None = None
     with_standard_errors: bool = False
+    by_parameter: bool | Mapping[str, str] = False  # see sdi.parameter_groups
 
     def __post_init__(self) -> None:
         if self.mode not in ("sdi", "tracin"):

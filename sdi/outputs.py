@@ -16,6 +16,9 @@ class InfluenceOutputs:
     - ``sdi_matrix``: ``(N_train, N_query, steps_train, steps_query)`` when asked for
     - ``sdi_se``, ``tracin_se``: standard errors of ``sdi`` and ``tracin``, shaped like them, with
       ``with_standard_errors=True`` (projected estimator)
+    - ``sdi_by_parameter`` (``mode="sdi"``) or ``tracin_by_parameter`` (``mode="tracin"``): with
+      ``by_parameter``, ``{group: tensor shaped like sdi / tracin}``, each group's share; the shares
+      add up to ``sdi`` / ``tracin`` to float rounding (:mod:`sdi.parameter_groups`)
     """
 
     sdi: torch.Tensor | None
@@ -23,6 +26,8 @@ class InfluenceOutputs:
     sdi_matrix: torch.Tensor | None = None
     sdi_se: torch.Tensor | None = None
     tracin_se: torch.Tensor | None = None
+    sdi_by_parameter: dict[str, torch.Tensor] | None = None
+    tracin_by_parameter: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class TopInfluences:
     Row ``j`` belongs to query ``j`` (query loader order); indices are rows of the train loader.
     ``*_indices (N_query, k)`` int64, ``*_tracin (N_query, k)``, ``*_sdi (N_query, k, steps_query)``;
     ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
+    ``*_explanations``: with ``explain=True``, per query the :class:`PairExplanation` of each of
+    its ``*_indices`` (a list of ``N_query`` lists of ``k``).
     """
 
     most_indices: torch.Tensor
@@ -40,6 +47,8 @@ class TopInfluences:
     least_indices: torch.Tensor
     least_tracin: torch.Tensor
     least_sdi: torch.Tensor
+    most_explanations: list[list[PairExplanation]] | None = None
+    least_explanations: list[list[PairExplanation]] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,3 +65,26 @@ class FeatureSet:
     @property
     def n(self) -> int:
         return int(next(iter(self.phi.values())).shape[0])
+
+
+@dataclass(frozen=True)
+class PairExplanation:
+    """Where in the sequences and through which weights one (train, query) pair's SDI came from
+    (:mod:`sdi.explain`), summed over checkpoints, fp32 on the CPU.
+
+    - ``train``, ``query``: the pair's rows in the train and query loaders
+    - ``sdi (steps_q,)``: the pair's SDI
+    - ``positions_train (T_train, steps_q)``: the share of each position of the train sequence
+    - ``positions_query (T_query, steps_q)``: the share of each position of the query sequence
+    - ``by_parameter (groups, steps_q)``: the share of each parameter group, named by ``groups``
+
+    Each of the last three sums over its first axis to ``sdi`` (to float rounding).
+    """
+
+    train: int
+    query: int
+    sdi: torch.Tensor
+    positions_train: torch.Tensor
+    positions_query: torch.Tensor
+    by_parameter: torch.Tensor
+    groups: tuple[str, ...]

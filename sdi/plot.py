@@ -7,7 +7,10 @@ numpy arrays, with the shapes of :class:`sdi.InfluenceOutputs`:
 
 - :func:`sdi_heatmap`: one query's SDI over steps for its top-k training examples (k x steps);
 - :func:`step_influence`: per-step SDI lines for a few training examples and one query;
-- :func:`step_matrix_heatmap`: one (train, query) pair's step x step matrix ``M[s, t]``.
+- :func:`step_matrix_heatmap`: one (train, query) pair's step x step matrix ``M[s, t]``;
+- :func:`position_step_heatmap`: one pair's SDI split by sequence position (positions x steps), from
+  a :class:`sdi.PairExplanation`;
+- :func:`parameter_step_plot`: one pair's SDI split by parameter group, stacked per step.
 """
 
 from __future__ import annotations
@@ -160,4 +163,96 @@ def step_matrix_heatmap(
     ax.set_xlabel("query step t")
     pair = "" if train is None else f": train {train}, query {query}"
     ax.set_title(f"Step x step influence{pair}")
+    return _finish(fig, path, dpi)
+
+
+def _token_labels(tokens: Any, decode, length: int) -> list[str]:
+    """One label per position: ``decode(token)`` when ``decode`` is given, else ``str(token)``."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.tolist()
+    if isinstance(tokens, str):
+        raise TypeError("tokens must be one entry per position (a list or tensor), not a string")
+    tokens = list(tokens)
+    if len(tokens) != length:
+        raise ValueError(f"{len(tokens)} tokens for {length} positions")
+    return [str(decode(t)) if decode is not None else str(t) for t in tokens]
+
+
+def position_step_heatmap(
+    explanation: Any,
+    *,
+    side: str = "train",
+    tokens: Any = None,
+    decode=None,
+    step_labels: Sequence[str] | None = None,
+    ax=None,
+    path: str | Path | None = None,
+    dpi: int = 120,
+):
+    """Heatmap of one pair's SDI split by position: position ``p`` of the ``side`` sequence (rows)
+    against the query's loop step ``t`` (columns); the rows sum to the pair's SDI per step.
+
+    ``explanation``: a :class:`sdi.PairExplanation` (``side="train"`` shows ``positions_train``,
+    ``"query"`` ``positions_query``) or a ``(T, steps)`` array. ``tokens``: the sequence's tokens,
+    one per position, shown as row labels (``decode(token)`` each, when ``decode`` is given: e.g.
+    a tokenizer's ``decode``); without them the rows are numbered.
+    """
+    if side not in ("train", "query"):
+        raise ValueError(f"side must be 'train' or 'query', got {side!r}")
+    values = getattr(explanation, f"positions_{side}", explanation)
+    values = _numpy(values)
+    if values.ndim != 2:
+        raise ValueError(f"expected (positions, steps), got shape {values.shape}")
+    fig, ax = _axes(ax)
+    _symmetric_image(fig, ax, values, "SDI share")
+    if tokens is not None:
+        ax.set_yticks(range(values.shape[0]), _token_labels(tokens, decode, values.shape[0]))
+    _step_ticks(ax, "x", values.shape[1], step_labels)
+    ax.set_xlabel("query loop step t")
+    ax.set_ylabel(f"{side} position")
+    pair = getattr(explanation, "train", None)
+    name = "" if pair is None else f": train {explanation.train}, query {explanation.query}"
+    ax.set_title(f"Where in the {side} sequence{name}")
+    return _finish(fig, path, dpi)
+
+
+def parameter_step_plot(
+    explanation: Any,
+    groups: Sequence[str] | None = None,
+    *,
+    step_labels: Sequence[str] | None = None,
+    ax=None,
+    path: str | Path | None = None,
+    dpi: int = 120,
+):
+    """Stacked bars of one pair's SDI split by parameter group, per loop step, with the total as a
+    line. Positive shares stack up from 0, negative ones down, so each step's bars add up to the
+    total.
+
+    ``explanation``: a :class:`sdi.PairExplanation` (its ``by_parameter`` and ``groups``) or a
+    ``(groups, steps)`` array with ``groups`` naming its rows.
+    """
+    values = _numpy(getattr(explanation, "by_parameter", explanation))
+    groups = list(getattr(explanation, "groups", groups) or [])
+    if values.ndim != 2 or len(groups) != values.shape[0]:
+        raise ValueError(
+            f"expected (groups, steps) with one name per group, got shape {values.shape} "
+            f"and {len(groups)} names"
+        )
+    fig, ax = _axes(ax)
+    steps = np.arange(values.shape[1])
+    up, down = np.zeros(values.shape[1]), np.zeros(values.shape[1])
+    for name, share in zip(groups, values, strict=True):
+        bottom = np.where(share >= 0, up, down)
+        ax.bar(steps, share, bottom=bottom, label=name)
+        up, down = up + np.maximum(share, 0), down + np.minimum(share, 0)
+    ax.plot(steps, values.sum(axis=0), color="black", marker="o", label="SDI (total)")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    _step_ticks(ax, "x", values.shape[1], step_labels)
+    ax.set_xlabel("query loop step t")
+    ax.set_ylabel("SDI share")
+    pair = getattr(explanation, "train", None)
+    name = "" if pair is None else f": train {explanation.train}, query {explanation.query}"
+    ax.set_title(f"Through which weights{name}")
+    ax.legend(fontsize="small")
     return _finish(fig, path, dpi)

@@ -53,9 +53,10 @@ CONTRACT = {
         ("query_chunk_size", None),
     ]
     + LOADING
-    + [("with_standard_errors", False)],
-    "top_influences": [("k", NO_DEFAULT)] + RUN + LOADING,
+    + [("with_standard_errors", False), ("by_parameter", False)],
+    "top_influences": [("k", NO_DEFAULT)] + RUN + LOADING + [("explain", False)],
     "featurize_loader": [("loader", NO_DEFAULT), ("loss_fn", NO_DEFAULT), ("gather_to", "all")],
+    "explain": [("pairs", NO_DEFAULT)] + RUN + [("by_parameter", True)] + LOADING[:5],
 }
 INIT = {
     ProjectedTracInSDI: [

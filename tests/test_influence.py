@@ -98,3 +98,96 @@ def test_standard_errors_option_matches_the_uncertainty_module(tmp_path, train_b
         FullGradientTracInSDI(model=a, target_modules=a.core).influence_across_checkpoints(
             with_standard_errors=True, **common
         )
+
+
+def _core_columns(model, names):
+    """Column indices of the core parameters ``names`` (full model names) in the flat gradients of
+    ``conftest.per_use_grads`` / ``full_grads`` (``model.core.named_parameters()`` order)."""
+    cols, start = [], 0
+    for name, p in model.core.named_parameters():
+        if f"core.{name}" in names:
+            cols.extend(range(start, start + p.numel()))
+        start += p.numel()
+    return torch.tensor(cols)
+
+
+@pytest.mark.parametrize("make", ESTIMATORS)
+@pytest.mark.parametrize("mode", ["sdi", "tracin"])
+def test_by_parameter_shares_add_up_to_the_total(tmp_path, make, mode, model, train_batches):
+    query = random_token_batches(5, 2, 7, 19, seed=3)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = make(model=model, target_modules=model.core)
+    out = run_influence(
+        est, path, train_batches, query, mode=mode, by_parameter=True, train_chunk_size=2
+    )
+    shares = out.sdi_by_parameter if mode == "sdi" else out.tracin_by_parameter
+    other = out.tracin_by_parameter if mode == "sdi" else out.sdi_by_parameter
+    total = out.sdi if mode == "sdi" else out.tracin
+    assert other is None
+    assert list(shares) == [f"core.{n}" for n, _ in model.core.named_parameters()]
+    assert all(s.shape == total.shape for s in shares.values())
+    assert all(s.abs().max() > 0 for s in shares.values())
+    torch.testing.assert_close(sum(shares.values()), total, rtol=1e-5, atol=1e-6)
+    plain = run_influence(est, path, train_batches, query, mode=mode)
+    assert plain.sdi_by_parameter is None and plain.tracin_by_parameter is None
+    torch.testing.assert_close(total, plain.sdi if mode == "sdi" else plain.tracin)
+
+
+def test_exact_group_shares_equal_autograd_restricted_to_the_group(
+    tmp_path, model, train_batches, query_batches
+):
+    from conftest import full_grads, per_use_grads, stacked
+
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = FullGradientTracInSDI(model=model, target_modules=model.core)
+    groups = {"attention": r"qkv|proj", "mlp": r"fc"}  # the norm's weight and bias: "other"
+    out = run_influence(est, path, train_batches, query_batches, by_parameter=groups)
+    assert list(out.sdi_by_parameter) == ["attention", "mlp", "other"]
+    g_train = full_grads(model, stacked(train_batches)).double()  # (N_tr, P)
+    phi_query = per_use_grads(model, stacked(query_batches)).double()  # (N_q, steps, P)
+    members = {
+        "attention": ["core.qkv.weight", "core.proj.weight"],
+        "mlp": ["core.fc1.weight", "core.fc1.bias", "core.fc2.weight", "core.fc2.bias"],
+        "other": ["core.norm.weight", "core.norm.bias"],
+    }
+    for name, params in members.items():
+        cols = _core_columns(model, params)
+        want = torch.einsum("ip,jtp->ijt", g_train[:, cols], phi_query[:, :, cols])
+        torch.testing.assert_close(out.sdi_by_parameter[name].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_by_parameter_with_every_parameter_matched_has_no_other(tmp_path, model, train_batches):
+    query = random_token_batches(3, 3, 7, 19, seed=4)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = sketched(model)
+    out = run_influence(
+        est,
+        path,
+        train_batches,
+        query,
+        mode="tracin",
+        by_parameter={"weights": "weight$", "biases": "bias$"},
+    )
+    assert list(out.tracin_by_parameter) == ["weights", "biases"]
+    torch.testing.assert_close(
+        sum(out.tracin_by_parameter.values()), out.tracin, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"\['nothing'\] hold no selected parameter"):
+        run_influence(est, path, train_batches, query, by_parameter={"nothing": "xyz"})
+
+
+def test_by_parameter_alongside_a_train_store_and_the_step_matrix(tmp_path, model, train_batches):
+    query = random_token_batches(3, 3, 7, 19, seed=6)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = sketched(model)
+    plain = run_influence(est, path, train_batches, query, by_parameter=True)
+    kw = dict(by_parameter=True, with_step_matrix=True, train_store=tmp_path / "store")
+    written = run_influence(est, path, train_batches, query, **kw)
+    read = run_influence(est, path, train_batches, query, **kw)  # from the store
+    for out in (written, read):
+        assert list(out.sdi_by_parameter) == list(plain.sdi_by_parameter)
+        for name, share in plain.sdi_by_parameter.items():
+            torch.testing.assert_close(out.sdi_by_parameter[name], share, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            sum(out.sdi_by_parameter.values()), out.sdi, rtol=1e-5, atol=1e-6
+        )

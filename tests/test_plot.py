@@ -76,3 +76,62 @@ def test_step_matrix_heatmap_shows_the_pair(tmp_path):
     np.testing.assert_allclose(ax2.images[0].get_array(), matrix[0, 0].double().numpy())
     with pytest.raises(ValueError, match="needs train and query"):
         plot.step_matrix_heatmap(matrix)
+
+
+def _explanation():
+    from sdi import PairExplanation
+
+    gen = torch.Generator().manual_seed(4)
+    by_parameter = torch.randn(3, 4, generator=gen)
+    return PairExplanation(
+        train=2,
+        query=1,
+        sdi=by_parameter.sum(0),
+        positions_train=torch.randn(5, 4, generator=gen),
+        positions_query=torch.randn(6, 4, generator=gen),
+        by_parameter=by_parameter,
+        groups=("attn", "mlp", "other"),
+    )
+
+
+def test_position_step_heatmap_shows_a_side_with_token_labels(tmp_path):
+    e = _explanation()
+    path = tmp_path / "positions.png"
+    fig = plot.position_step_heatmap(
+        e, tokens=[3, 1, 4, 1, 5], decode=lambda t: f"<{t}>", path=path
+    )
+    assert path.stat().st_size > 0
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), e.positions_train.double().numpy())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["<3>", "<1>", "<4>", "<1>", "<5>"]
+    fig = plot.position_step_heatmap(e, side="query", tokens=list("abcdef"))
+    np.testing.assert_allclose(
+        fig.axes[0].images[0].get_array(), e.positions_query.double().numpy()
+    )
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list("abcdef")
+    with pytest.raises(ValueError, match="3 tokens for 5 positions"):
+        plot.position_step_heatmap(e, tokens=[1, 2, 3])
+    with pytest.raises(ValueError, match="side must be"):
+        plot.position_step_heatmap(e, side="both")
+
+
+def test_parameter_step_plot_stacks_to_the_total(tmp_path):
+    e = _explanation()
+    path = tmp_path / "groups.png"
+    fig = plot.parameter_step_plot(e, path=path)
+    assert path.stat().st_size > 0
+    ax = fig.axes[0]
+    assert [c.get_label() for c in ax.containers] == ["attn", "mlp", "other"]
+    heights = np.array([[bar.get_height() for bar in c] for c in ax.containers])
+    np.testing.assert_allclose(heights, e.by_parameter.double().numpy(), rtol=1e-6)
+    # stacked: each bar starts where the same-signed shares below it end
+    shares = e.by_parameter.double().numpy()
+    up = np.concatenate([np.zeros((1, 4)), np.maximum(shares, 0).cumsum(0)[:-1]])
+    down = np.concatenate([np.zeros((1, 4)), np.minimum(shares, 0).cumsum(0)[:-1]])
+    bottoms = np.array([[bar.get_y() for bar in c] for c in ax.containers])
+    tops = np.where(shares >= 0, up, down)
+    np.testing.assert_allclose(bottoms, tops, rtol=1e-6, atol=1e-12)
+    (total,) = [ln for ln in ax.lines if ln.get_label() == "SDI (total)"]
+    np.testing.assert_allclose(total.get_ydata(), e.sdi.double().numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="one name per group"):
+        plot.parameter_step_plot(e.by_parameter, groups=["a"])

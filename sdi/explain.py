@@ -1,0 +1,244 @@
+"""Pair-level explanations of SDI: where in the sequences and through which weights.
+
+For a selected module used at step ``s`` on an example with positions ``p = 0..T-1``, the per-use
+gradient splits by output position, ``phi_s = sum_p phi_{s,p}``, with ``phi_{s,p}`` the contribution
+of the grad-output at position ``p`` (Linear weight ``g_p a_p^T``, bias ``g_p``, Embedding
+``onehot(id_p) g_p^T``, any other rule: its vjp with the grad-output masked to ``p``). Every rule is
+linear in the grad-output, so ``phi_{s,p}`` is the rule's feature of the grad-output masked to ``p``
+-- the real backward pass is left alone; only what the rules see is masked. For one pair
+``(i, j)`` and checkpoint weights ``eta_k``:
+
+- ``positions_train[p, t] = sum_k eta_k <sum_s phi_{s,p}(train i), phi_t(query j)>``  ``(T_i, S_q)``
+- ``positions_query[p, t] = sum_k eta_k <sum_s phi_s(train i), phi_{t,p}(query j)>``  ``(T_j, S_q)``
+- ``by_parameter[g, t]``: the pair's SDI restricted to group ``g``'s columns (:mod:`sdi.parameter_groups`)
+
+Each sums over its first axis to the pair's SDI ``(S_q,)`` (to float rounding, sketched or exact).
+
+Cost: only the batches holding an explained example are featurised, each ``1 + T`` times (once as
+it is, once per position with the mask), and each per-position feature is contracted with the
+paired example's feature as soon as it is computed and dropped, so memory is ``O(pairs x D)`` beyond
+one batch's features -- never ``(k, T, steps, m)``. The ``T`` masked passes are the simple, exact way
+for every rule; Linear / Embedding / bias rules could do it in one pass.
+
+Batches are counted without running the model: the examples of a batch are the leading dimension
+(``batch_first``, else the second) of its first tensor (a tensor, or the first tensor found in a
+dict / list / tuple). The featurised row count is checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .featurize import Featurizer
+from .options import RunOptions
+from .outputs import PairExplanation
+from .parameter_groups import parameter_groups
+
+
+class _MaskedRules:
+    """The featurizer's rules, shown the grad-output masked to one position (``position=None``:
+    unmasked), recording the position lengths they see."""
+
+    step_sums = None  # no per-pass accumulator: every use goes through ``features``
+
+    def __init__(self, rules, position: int | None):
+        self._rules, self.position, self.lengths = rules, position, set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._rules, name)
+
+    def features(self, module, params, activations, g, call=None, batch_dim=0):
+        if g.dim() < 2:
+            raise ValueError(
+                f"{type(module).__name__}'s output has no position dimension (shape "
+                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...)"
+            )
+        self.lengths.add(g.shape[1])  # g is batch first here, positions next
+        if self.position is not None:
+            masked = torch.zeros_like(g)
+            masked[:, self.position] = g[:, self.position]
+            g = masked
+        return self._rules.features(module, params, activations, g, call, batch_dim)
+
+
+@contextmanager
+def _rules_shown(featurizer: Featurizer, rules: _MaskedRules):
+    saved = featurizer.rules
+    featurizer.rules = rules
+    try:
+        yield rules
+    finally:
+        featurizer.rules = saved
+
+
+def _featurize(featurizer, batch, loss_fn, sum_steps: bool, position: int | None, size: int):
+    """One batch's features with the grad-output masked to ``position``, and the position count."""
+    with _rules_shown(featurizer, _MaskedRules(featurizer.rules, position)) as rules:
+        feats, _ = featurizer.compute_batch(batch, loss_fn, sum_steps=sum_steps)
+    if feats.shape[0] != size:
+        raise ValueError(
+            f"a batch's first tensor counts {size} examples but the model saw {feats.shape[0]}: "
+            "explain counts examples by the first tensor of a batch"
+        )
+    if len(rules.lengths) != 1:
+        raise ValueError(
+            f"the selected modules' outputs have different position counts {sorted(rules.lengths)}"
+        )
+    return feats, rules.lengths.pop()
+
+
+def _batch_size(batch: Any, batch_dim: int) -> int | None:
+    if torch.is_tensor(batch):
+        return int(batch.shape[batch_dim]) if batch.dim() > batch_dim else None
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(batch, Mapping | list | tuple):
+        for item in items:
+            size = _batch_size(item, batch_dim)
+            if size is not None:
+                return size
+    return None
+
+
+def _batches_with(
+    loader: Iterable[Any], wanted: set[int], batch_dim: int, name: str
+) -> Iterator[tuple[Any, int, int]]:
+    """``(batch, first row, size)`` of each batch of ``loader`` holding a row in ``wanted``,
+    stopping after the last; raises naming ``name`` for a row the loader does not have."""
+    last, start = max(wanted), 0
+    for batch in loader:
+        size = _batch_size(batch, batch_dim)
+        if size is None:
+            raise TypeError(
+                f"explain cannot count the examples of a {name} batch: it holds no tensor"
+            )
+        if any(start <= r < start + size for r in wanted):
+            yield batch, start, size
+        start += size
+        if start > last:
+            return
+    raise IndexError(f"{name} has {start} rows; explain asked for row {last}")
+
+
+def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator[float]:
+    """Load each checkpoint into the model (eval mode) and yield its weight; restore train mode."""
+    model, was_training = featurizer.model, featurizer.model.training
+    try:
+        for spec in tqdm(
+            options.checkpoints, desc=options.progress_desc, disable=not options.progress
+        ):
+            checkpoint = options.load_checkpoint_fn(spec.path)
+            weight = (
+                float(spec.weight)
+                if spec.weight is not None
+                else float(options.eta_from_checkpoint_fn(checkpoint))
+            )
+            options.load_model_state_dict_fn(model, checkpoint)
+            del checkpoint
+            model.eval()
+            yield weight
+    finally:
+        model.train(was_training)
+
+
+def _pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for pair in pairs:
+        if (
+            not isinstance(pair, tuple | list)
+            or len(pair) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair)
+        ):
+            raise ValueError(
+                f"pairs must be (train row, query row) pairs of ints >= 0, got {pair!r}"
+            )
+        out.append((int(pair[0]), int(pair[1])))
+    if not out:
+        raise ValueError("pairs is empty")
+    return out
+
+
+def explain(
+    featurizer: Featurizer,
+    options: RunOptions,
+    pairs: Sequence[tuple[int, int]],
+) -> list[PairExplanation]:
+    """The stage behind :meth:`sdi.estimators.ProjectedTracInSDI.explain`: one
+    :class:`PairExplanation` per ``(train row, query row)`` of ``pairs``, in order.
+
+    ``options.by_parameter`` (``True`` or ``{group: regex}``) names the groups of ``by_parameter``.
+    """
+    pairs = _pairs(pairs)
+    groups = parameter_groups(featurizer.blocks, options.by_parameter)
+    batch_dim = 0 if featurizer.batch_first else 1
+    loss_fn = options.loss_fn
+    totals: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def add(pair, key, value):
+        held = totals.setdefault(pair, {})
+        if key in held and held[key].shape != value.shape:
+            raise ValueError(
+                f"pair {pair}: {key} has shape {tuple(value.shape)} at this checkpoint but "
+                f"{tuple(held[key].shape)} before: the loaders must yield the same examples"
+            )
+        held[key] = held[key] + value if key in held else value
+
+    train_rows = {i for i, _ in pairs}
+    query_rows = {j for _, j in pairs}
+    for weight in _checkpoint_weights(featurizer, options):
+        # Query features per step, then train features summed over steps: the pairs' partners.
+        query, query_length = {}, {}
+        for batch, start, size in _batches_with(
+            options.query_loader, query_rows, batch_dim, "query_loader"
+        ):
+            feats, length = _featurize(featurizer, batch, loss_fn, False, None, size)
+            for j in query_rows & set(range(start, start + size)):
+                query[j], query_length[j] = feats[j - start].clone(), length
+        train = {}
+        for batch, start, size in _batches_with(
+            options.train_loader, train_rows, batch_dim, "train_loader"
+        ):
+            feats, length = _featurize(featurizer, batch, loss_fn, True, None, size)
+            rows = train_rows & set(range(start, start + size))
+            for i in rows:
+                train[i] = feats[i - start].clone()
+            # Train side by position: each masked feature meets its paired queries and is dropped.
+            split = {
+                pair: torch.zeros(length, query[pair[1]].shape[0])
+                for pair in pairs
+                if pair[0] in rows
+            }
+            for p in range(length):
+                masked, _ = _featurize(featurizer, batch, loss_fn, True, p, size)
+                for (i, j), out in split.items():
+                    out[p] = (query[j] @ masked[i - start]).cpu()
+            for pair, out in split.items():
+                add(pair, "positions_train", weight * out)
+        # Query side by position, against the train examples' full gradients.
+        for batch, start, size in _batches_with(
+            options.query_loader, query_rows, batch_dim, "query_loader"
+        ):
+            rows = query_rows & set(range(start, start + size))
+            length = query_length[next(iter(rows))]
+            split = {
+                pair: torch.zeros(length, query[pair[1]].shape[0])
+                for pair in pairs
+                if pair[1] in rows
+            }
+            for p in range(length):
+                masked, _ = _featurize(featurizer, batch, loss_fn, False, p, size)
+                for (i, j), out in split.items():
+                    out[p] = (masked[j - start] @ train[i]).cpu()
+            for pair, out in split.items():
+                add(pair, "positions_query", weight * out)
+        for i, j in dict.fromkeys(pairs):  # each distinct pair once
+            q, g = query[j], train[i]
+            add((i, j), "sdi", weight * (q @ g).cpu())
+            shares = torch.stack([grp.select(q) @ grp.select(g) for grp in groups]).cpu()
+            add((i, j), "by_parameter", weight * shares)
+    names = tuple(g.name for g in groups)
+    return [PairExplanation(train=i, query=j, groups=names, **totals[(i, j)]) for i, j in pairs]
