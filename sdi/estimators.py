@@ -174,21 +174,20 @@ class _Estimator:
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals(), skip=("k", "explain"))  # first: locals() = the arguments
             top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
-            if top is None or explain is False or explain is None:
-                return top
-            ranked = {"most": top.most_indices.tolist(), "least": top.least_indices.tolist()}
-            pairs = [(i, j) for rows in ranked.values() for j, row in enumerate(rows) for i in row]
-            grouped = dataclasses.replace(options, by_parameter=explain)
-            found = dict(zip(pairs, explain_pairs(self._featurizer, grouped, pairs), strict=True))
-            return dataclasses.replace(
-                top,
-                **{
-                    f"{side}_explanations": [
-                        [found[(i, j)] for i in row] for j, row in enumerate(rows)
-                    ]
-                    for side, rows in ranked.items()
-                },
-            )
+        # Outside the shared-failure scope: only the receiving rank(s) explain, in one process.
+        if top is None or explain is False or explain is None:
+            return top
+        ranked = {"most": top.most_indices.tolist(), "least": top.least_indices.tolist()}
+        pairs = [(i, j) for rows in ranked.values() for j, row in enumerate(rows) for i in row]
+        grouped = dataclasses.replace(options, by_parameter=explain)
+        found = dict(zip(pairs, explain_pairs(self._featurizer, grouped, pairs), strict=True))
+        return dataclasses.replace(
+            top,
+            **{
+                f"{side}_explanations": [[found[(i, j)] for i in row] for j, row in enumerate(rows)]
+                for side, rows in ranked.items()
+            },
+        )
 
     def explain(
         self,
