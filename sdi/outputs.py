@@ -32,6 +32,10 @@ class TopInfluences:
     Row ``j`` belongs to query ``j`` (query loader order); indices are rows of the train loader.
     ``*_indices (N_query, k)`` int64, ``*_tracin (N_query, k)``, ``*_sdi (N_query, k, steps_query)``;
     ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
+
+    A NaN or infinite TracIn score is never ranked: ``n_excluded (N_query,)`` int64 counts them
+    per query (``None`` when built by hand). Where fewer than ``k`` scores of a query are finite,
+    its lists end with index ``-1`` and NaN TracIn and SDI.
     """
 
     most_indices: torch.Tensor
@@ -40,6 +44,7 @@ class TopInfluences:
     least_indices: torch.Tensor
     least_tracin: torch.Tensor
     least_sdi: torch.Tensor
+    n_excluded: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

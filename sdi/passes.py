@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .distributed import LocalSharding, Sharding
 from .featurize import Featurizer
-from .loaders import query_chunks, warn_if_shuffled
+from .loaders import query_chunks, rows_name, warn_if_shuffled
 from .options import RunOptions
 from .store import checkpoint_store
 from .train_stream import TrainStream
@@ -102,6 +102,7 @@ def checkpoint_passes(
                     store=store,
                     after_batch=lambda: bar.update(1),
                     may_be_empty=sharding.may_own_no_batch,
+                    name=rows_name("train_loader", sharding),
                 )
                 chunks = query_chunks(
                     featurizer,
