@@ -59,3 +59,14 @@ def test_replace_checks_again_and_chunks_pair_the_sizes():
     assert dataclasses.replace(options, mode="tracin").mode == "tracin"
     with pytest.raises(ValueError, match="with_step_matrix"):
         dataclasses.replace(options, with_step_matrix=True, mode="tracin")
+
+
+@pytest.mark.parametrize("name", ["train_loader", "query_loader"])
+def test_one_shot_loaders_are_refused_on_construction(name):
+    with pytest.raises(TypeError, match=f"{name} is an iterator, which can be iterated only once"):
+        _options(**{name: (batch for batch in [1, 2])})
+
+
+def test_a_non_integer_max_query_bytes_is_refused():
+    with pytest.raises(TypeError, match="max_query_bytes must be an integer, got 2.5"):
+        _options(max_query_bytes=2.5)
