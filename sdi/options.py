@@ -29,7 +29,7 @@ class RunOptions:
     Raises ``ValueError`` on construction for an unknown ``mode``, ``with_step_matrix`` without
     SDI, no checkpoints, or a ``max_query_bytes`` that is not positive, and what
     :func:`sdi.checkpoints.as_checkpoint_specs` refuses; ``TypeError`` for a loader that cannot be
-    iterated more than once (a generator) and a ``max_query_bytes`` that is not an integer. ``checkpoints`` is held as a tuple of
+    iterated more than once (a generator) and a ``max_query_bytes`` or chunk size that is not an integer. ``checkpoints`` is held as a tuple of
     specs, so an iterator serves every pass of the call.
     """
 
@@ -59,6 +59,9 @@ class RunOptions:
         checkpoints = as_checkpoint_specs(self.checkpoints)  # the one place they are normalised
         object.__setattr__(self, "checkpoints", tuple(checkpoints))
         check_int("max_query_bytes", self.max_query_bytes, minimum=1)
+        for name in ("train_chunk_size", "query_chunk_size"):  # None or <= 0: no chunking
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
         check_reiterable(self.train_loader, "train_loader")
         check_reiterable(self.query_loader, "query_loader")
 

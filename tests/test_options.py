@@ -67,6 +67,9 @@ def test_one_shot_loaders_are_refused_on_construction(name):
         _options(**{name: (batch for batch in [1, 2])})
 
 
-def test_a_non_integer_max_query_bytes_is_refused():
-    with pytest.raises(TypeError, match="max_query_bytes must be an integer, got 2.5"):
-        _options(max_query_bytes=2.5)
+@pytest.mark.parametrize("name", ["max_query_bytes", "train_chunk_size", "query_chunk_size"])
+def test_non_integer_sizes_are_refused(name):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got 2.5"):
+        _options(**{name: 2.5})
+    if name != "max_query_bytes":  # a chunk size <= 0 takes the whole dimension
+        assert getattr(_options(**{name: 0}), name) == 0
