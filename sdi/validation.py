@@ -56,8 +56,8 @@ def check_reiterable(loader: Any, name: str) -> None:
         )
         raise TypeError(
             f"{name} is {kind} ({type(loader).__name__}); sdi iterates it once per checkpoint and "
-            "per query chunk. Pass a re-iterable object: a DataLoader, a list of batches, or a class "
-            "whose __iter__ starts a new pass."
+            "per query chunk. Pass a re-iterable object: a DataLoader, a list of batches, or an object "
+            "whose __iter__ returns a new iterator (not itself) on every call."
         )
 
 

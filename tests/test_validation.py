@@ -125,3 +125,25 @@ def test_warn_outside_package_points_at_the_caller():
     with pytest.warns(RuntimeWarning) as record:
         warn_outside_package("look here")
     assert record[0].filename == __file__
+
+
+class _OwnIterator:
+    """Its own iterator (``__iter__`` returns ``self``): one pass, even if it looks like a class."""
+
+    def __init__(self):
+        self.left = [1, 2]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.left:
+            raise StopIteration
+        return self.left.pop()
+
+
+def test_an_object_that_is_its_own_iterator_is_refused():
+    loader = _OwnIterator()
+    with pytest.raises(TypeError, match=r"returns a new iterator \(not itself\)"):
+        check_reiterable(loader, "train_loader")
+    assert list(loader) == [2, 1] and list(loader) == []  # why: a second pass sees nothing
