@@ -38,6 +38,7 @@ from .featurize import Featurizer, LossFn
 from .options import DEFAULT_MAX_QUERY_BYTES, RunOptions
 from .outputs import FeatureSet, InfluenceOutputs, PairExplanation, TopInfluences
 from .steps import StepPlan
+from .validation import check_int, check_seed
 
 
 class _Estimator:
@@ -57,7 +58,7 @@ class _Estimator:
         return self._featurizer.step_plan
 
     def close(self) -> None:
-        """Remove every hook from the model."""
+        """Remove every hook from the model; the estimator cannot be used afterwards."""
         self._featurizer.close()
 
     def featurize_loader(
@@ -133,6 +134,7 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals())  # first: locals() are the call's arguments alone
+            self._featurizer.check_open()
             return influence.influence_across_checkpoints(
                 self._featurizer, options, estimator=self._identity
             )
@@ -173,6 +175,7 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals(), skip=("k", "explain"))  # first: locals() = the arguments
+            self._featurizer.check_open()
             top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
         # Outside the shared-failure scope: only the receiving rank(s) explain, in one process.
         if top is None or explain is False or explain is None:
@@ -217,6 +220,7 @@ class _Estimator:
         (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
         """
         options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
+        self._featurizer.check_open()
         return explain_pairs(self._featurizer, options, pairs)
 
 
@@ -264,18 +268,18 @@ class ProjectedTracInSDI(_Estimator):
         allow_mixed_steps: bool = False,
         strict: bool = True,
     ) -> None:
-        if int(projection_size) <= 0:
-            raise ValueError(f"projection_size must be positive, got {projection_size}")
+        projection_size = check_int("projection_size", projection_size, minimum=1)
+        seed = check_seed(seed)
         self._identity = {
             "estimator": "projected",
-            "seed": int(seed),
-            "projection_size": int(projection_size),
+            "seed": seed,
+            "projection_size": projection_size,
         }
         self._featurizer = Featurizer(
             model=model,
             target_modules=target_modules,
-            projection_size=int(projection_size),
-            seed=int(seed),
+            projection_size=projection_size,
+            seed=seed,
             backend=get_backend(),
             loss_reduction=loss_reduction,
             batch_first=batch_first,

@@ -49,14 +49,34 @@ class _Pass:
     sums: Any = None  # the rules' step-sum accumulator when summing over steps, if they have one
 
 
-def _reduce_loss(loss: torch.Tensor, loss_reduction: str) -> torch.Tensor:
-    if loss.dim() == 0:
-        return loss
-    if loss.dim() != 1:
+def _check_loss(loss: Any) -> torch.Tensor:
+    """``loss_fn``'s result, refused unless it is a scalar or a vector ``(B,)`` of ``B > 0``."""
+    if not torch.is_tensor(loss):
+        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.dim() > 1:
         raise ValueError(
             f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
         )
-    return loss.sum() if loss_reduction == "sum" else loss.mean()
+    if loss.numel() == 0:
+        raise ValueError(
+            "loss_fn returned no loss (shape (0,)): the batch holds no example. sdi refuses empty "
+            "batches (they would shift no row but hide a loader bug): drop them from the loader"
+        )
+    return loss
+
+
+def _check_loss_length(loss: torch.Tensor, batch: int, batch_first: bool) -> None:
+    """A per-example loss vector must have one entry per example the selected modules saw."""
+    if loss.dim() == 0 or loss.shape[0] == batch:
+        return
+    dim = 0 if batch_first else 1
+    raise ValueError(
+        f"loss_fn returned {loss.shape[0]} losses, but the selected modules saw a batch of {batch} "
+        f"(dimension {dim} of their outputs, batch_first={batch_first}). Return one loss per "
+        "example, shape (B,), or a scalar: reduce every other dimension (per-token losses (B, T) "
+        f"need .mean(dim=1), not .mean(dim=0)); if the batch is dimension {1 - dim} of the "
+        f"activations, pass batch_first={not batch_first}."
+    )
 
 
 def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -183,6 +203,7 @@ class Featurizer:
         self._columns = {b.param: b.columns for b in self.blocks}
         self.device = next(iter(devices))
         self._pass: _Pass | None = None
+        self._closed = False
         self.hooks = HookManager(
             list(self._module_params),
             self._on_grad,
@@ -191,20 +212,43 @@ class Featurizer:
             keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
         )
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` removed the hooks (the featuriser cannot be used again)."""
+        return self._closed
+
     def close(self) -> None:
         self.hooks.close()
+        self._closed = True
+
+    def check_open(self) -> None:
+        """``RuntimeError`` if :meth:`close` was called."""
+        if self._closed:
+            raise RuntimeError(
+                "this estimator was closed (close() removed its hooks from the model): create a "
+                "new estimator to compute more features"
+            )
 
     def compute_batch(
-        self, batch: Any, loss_fn: LossFn, *, sum_steps: bool = False
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        *,
+        sum_steps: bool = False,
+        on_losses: Callable[[torch.Tensor], Any] | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Features of one batch: ``((B, steps, D) or (B, D), steps)``, fp32 on the model's device."""
+        """Features of one batch: ``((B, steps, D) or (B, D), steps)``, fp32 on the model's device.
+
+        ``loss_fn`` must return per-example losses ``(B,)``, with ``B`` the batch the selected
+        modules saw, or a scalar; a batch of no example is refused. ``on_losses`` is called with
+        the detached per-example losses ``(B,)`` (a scalar loss repeated ``B`` times): for the
+        report of non-finite losses (:class:`sdi.validation.NonFiniteRows`).
+        """
+        self.check_open()
         # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
         params = list(self.model.parameters())
         with requires_grad_set(params, False), self.hooks.capture() as log:
-            loss = loss_fn(self.model, batch)
-            if not torch.is_tensor(loss):
-                raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            loss = _reduce_loss(loss, self.loss_reduction)
+            per_example = _check_loss(loss_fn(self.model, batch))
             plan = plan_steps(
                 log,
                 {b.name: b.module for b in self.blocks},
@@ -225,6 +269,18 @@ class Featurizer:
                     f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
                 )
             B = log.batch_sizes.pop()
+            _check_loss_length(per_example, B, self.batch_first)
+            if B == 0:
+                raise ValueError(
+                    "the selected modules saw a batch of 0 examples: sdi refuses empty batches "
+                    "(drop them from the loader)"
+                )
+            if on_losses is not None:
+                on_losses(per_example.detach().expand(B))
+            if per_example.dim() == 0:
+                loss = per_example
+            else:
+                loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
             shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
             if not loss.requires_grad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from . import distributed
 from .featurize import Featurizer, LossFn
 from .outputs import FeatureSet
+from .validation import NonFiniteRows, check_reiterable
 
 
 def warn_if_shuffled(loader: Iterable[Any], name: str, stacklevel: int) -> None:
@@ -35,15 +37,27 @@ def batch_features(
     *,
     per_step: bool,
     after_batch: Callable[[], Any] | None = None,
+    report: NonFiniteRows | None = None,
 ) -> Iterator[tuple[torch.Tensor, int]]:
     """``(features, steps)`` per batch: ``(b, steps, D)`` if ``per_step`` else ``(b, D)``.
 
-    ``after_batch`` is called once a batch's features have been taken (a progress bar's update).
+    ``after_batch`` is called once a batch's features have been taken (a progress bar's update);
+    ``report`` collects the rows whose loss or features are not finite and warns after the pass.
     """
+    offset = 0
     for batch in loader:
-        yield featurizer.compute_batch(batch, loss_fn, sum_steps=not per_step)
+        on_losses = None if report is None else partial(report.add_losses, offset=offset)
+        feats, steps = featurizer.compute_batch(
+            batch, loss_fn, sum_steps=not per_step, on_losses=on_losses
+        )
+        if report is not None:
+            report.add_features(feats, offset)
+        offset += feats.shape[0]
+        yield feats, steps
         if after_batch is not None:
             after_batch()
+    if report is not None:
+        report.warn()
 
 
 def query_chunks(
@@ -57,7 +71,8 @@ def query_chunks(
     """``(column offset, features)``: the query set in chunks of about ``max_bytes`` or less."""
     parts: list[torch.Tensor] = []
     offset, held, steps = 0, 0, set()
-    for feats, s in batch_features(featurizer, loader, loss_fn, per_step=per_step):
+    report = NonFiniteRows("query_loader")
+    for feats, s in batch_features(featurizer, loader, loss_fn, per_step=per_step, report=report):
         steps.add(s)
         if per_step and len(steps) > 1:
             raise ValueError(f"query batches have different step counts: {sorted(steps)}")
@@ -85,6 +100,14 @@ def count_batches(loader: Iterable[Any]) -> int | None:
         return None if batches is loader else sum(1 for _ in batches)
 
 
+def rows_name(loader_name: str, sharding: distributed.Sharding | distributed.LocalSharding) -> str:
+    """How a warning names the rows of ``loader_name`` this process sees: loader rows when it runs
+    alone, else the rows of this rank's own batches (``rank``, ``rank + world``, ...)."""
+    if sharding.world == 1:
+        return loader_name
+    return f"{loader_name} (rank {sharding.rank} of {sharding.world}: rows of its own batches)"
+
+
 def featurize_loader(
     featurizer: Featurizer,
     loader: Iterable[Any],
@@ -100,6 +123,8 @@ def featurize_loader(
     is restored afterwards. Sharded, every rank first checks that all ranks have the same
     ``estimator`` settings (:mod:`sdi.estimators`' identity), parameters and number of batches.
     """
+    featurizer.check_open()
+    check_reiterable(loader, "loader")
     sharding = distributed.sharding_of(loader, featurizer.device, gather_to, name="loader")
     if sharding.world > 1:
         sharding.check_same(
@@ -114,7 +139,9 @@ def featurize_loader(
     model.eval()
     try:
         owned = sharding.owned(loader)
-        parts = [feats for feats, _ in batch_features(featurizer, owned, loss_fn, per_step=True)]
+        report = NonFiniteRows(rows_name("loader", sharding))
+        batches = batch_features(featurizer, owned, loss_fn, per_step=True, report=report)
+        parts = [feats for feats, _ in batches]
     finally:
         model.train(was_training)
     steps = {p.shape[1] for p in parts}

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .checkpoints import CheckpointSpec, as_checkpoint_specs
 from .distributed import GatherTo
 from .featurize import LossFn
+from .validation import check_int, check_reiterable
 
 DEFAULT_MAX_QUERY_BYTES = 2 << 30  # query features held at once; more -> one train pass per chunk
 
@@ -27,7 +28,8 @@ class RunOptions:
 
     Raises ``ValueError`` on construction for an unknown ``mode``, ``with_step_matrix`` without
     SDI, no checkpoints, or a ``max_query_bytes`` that is not positive, and what
-    :func:`sdi.checkpoints.as_checkpoint_specs` refuses. ``checkpoints`` is held as a tuple of
+    :func:`sdi.checkpoints.as_checkpoint_specs` refuses; ``TypeError`` for a loader that cannot be
+    iterated more than once (a generator) and a ``max_query_bytes`` or chunk size that is not an integer. ``checkpoints`` is held as a tuple of
     specs, so an iterator serves every pass of the call.
     """
 
@@ -57,8 +59,12 @@ class RunOptions:
             raise ValueError("with_step_matrix=True needs mode='sdi'")
         checkpoints = as_checkpoint_specs(self.checkpoints)  # the one place they are normalised
         object.__setattr__(self, "checkpoints", tuple(checkpoints))
-        if self.max_query_bytes <= 0:
-            raise ValueError(f"max_query_bytes must be positive, got {self.max_query_bytes}")
+        check_int("max_query_bytes", self.max_query_bytes, minimum=1)
+        for name in ("train_chunk_size", "query_chunk_size"):  # None or <= 0: no chunking
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_reiterable(self.train_loader, "train_loader")
+        check_reiterable(self.query_loader, "query_loader")
 
     @property
     def chunks(self) -> tuple[int | None, int | None]:

@@ -39,6 +39,10 @@ class TopInfluences:
     ``most_*`` sorted by decreasing TracIn, ``least_*`` by increasing TracIn.
     ``*_explanations``: with ``explain=True``, per query the :class:`PairExplanation` of each of
     its ``*_indices`` (a list of ``N_query`` lists of ``k``).
+
+    A NaN or infinite TracIn score is never ranked: ``n_excluded (N_query,)`` int64 counts them
+    per query (``None`` when built by hand). Where fewer than ``k`` scores of a query are finite,
+    its lists end with index ``-1`` and NaN TracIn and SDI.
     """
 
     most_indices: torch.Tensor
@@ -49,6 +53,7 @@ class TopInfluences:
     least_sdi: torch.Tensor
     most_explanations: list[list[PairExplanation]] | None = None
     least_explanations: list[list[PairExplanation]] | None = None
+    n_excluded: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

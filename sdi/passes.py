@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .distributed import LocalSharding, Sharding
 from .featurize import Featurizer, LossFn
 from .fingerprints import checkpoint_fingerprint, loss_fn_fingerprint, model_fingerprint
-from .loaders import count_batches, query_chunks, warn_if_shuffled
+from .loaders import count_batches, query_chunks, rows_name, warn_if_shuffled
 from .options import RunOptions
 from .store import checkpoint_store
 from .train_stream import TrainStream
@@ -124,6 +124,7 @@ def checkpoint_passes(
                     store=store,
                     after_batch=lambda: bar.update(1),
                     may_be_empty=sharding.may_own_no_batch,
+                    name=rows_name("train_loader", sharding),
                 )
                 chunks = query_chunks(
                     featurizer,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
 
 from .featurize import Featurizer, LossFn
-from .loaders import batch_features
 from .store import FeatureStore, read_or_compute
+from .validation import NonFiniteRows
 
 
 class TrainStream:
@@ -35,25 +36,28 @@ class TrainStream:
         store: FeatureStore | None,
         after_batch: Callable[[], Any],
         may_be_empty: bool = False,
+        name: str = "train_loader",
     ):
         self.featurizer, self.loader, self.loss_fn = featurizer, loader, loss_fn
         self.per_step, self.store, self.after_batch = per_step, store, after_batch
-        self.may_be_empty = may_be_empty
+        self.may_be_empty, self.name = may_be_empty, name
         self.counts: list[int] = []
+        self._offset, self._report = 0, NonFiniteRows(name)  # of the pass in flight
 
     def _compute(self, batch: Any) -> tuple[torch.Tensor, int]:
-        return self.featurizer.compute_batch(batch, self.loss_fn, sum_steps=not self.per_step)
+        # Batches are computed in order, each once the previous one's rows were counted.
+        on_losses = partial(self._report.add_losses, offset=self._offset)
+        return self.featurizer.compute_batch(
+            batch, self.loss_fn, sum_steps=not self.per_step, on_losses=on_losses
+        )
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, int]]:
         if self.store is None:
-            return batch_features(
-                self.featurizer,
-                self.loader,
-                self.loss_fn,
-                per_step=self.per_step,
-                after_batch=self.after_batch,
-            )
-        return read_or_compute(
+            for batch in self.loader:
+                yield self._compute(batch)
+                self.after_batch()
+            return
+        yield from read_or_compute(
             self.store,
             self.loader,
             self._compute,
@@ -63,9 +67,11 @@ class TrainStream:
         )
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int]]:
-        offset, counts = 0, []
+        self._offset, self._report, counts = 0, NonFiniteRows(self.name), []
         for feats, steps in self._batches():
-            yield offset, feats, steps
-            offset += feats.shape[0]
+            self._report.add_features(feats, self._offset)  # stored features are checked too
+            yield self._offset, feats, steps
+            self._offset += feats.shape[0]
             counts.append(feats.shape[0])
         self.counts = counts  # a rank may own no batch: the gathers check the whole set
+        self._report.warn()

@@ -8,6 +8,8 @@ an input up front (``TypeError`` / ``ValueError`` naming the argument and the fi
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 
 # torch.Generator.manual_seed takes any value representable as int64 or uint64.
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def check_int(
@@ -28,6 +31,8 @@ def check_int(
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
+    if minimum == 1 and value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -36,7 +41,8 @@ def check_int(
 
 
 def check_seed(seed: Any) -> int:
-    """A hash-table seed that ``torch.Generator.manual_seed`` accepts."""
+    """A hash-table seed that ``torch.Generator.manual_seed`` accepts: an integer in
+    ``[-2**63, 2**64 - 1]``."""
     return check_int("seed", seed, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
 
 
@@ -50,8 +56,8 @@ def check_reiterable(loader: Any, name: str) -> None:
         )
         raise TypeError(
             f"{name} is {kind} ({type(loader).__name__}); sdi iterates it once per checkpoint and "
-            "per query chunk. Pass a re-iterable object: a DataLoader, a list of batches, or a class "
-            "whose __iter__ starts a new pass."
+            "per query chunk. Pass a re-iterable object: a DataLoader, a list of batches, or an object "
+            "whose __iter__ returns a new iterator (not itself) on every call."
         )
 
 
@@ -63,15 +69,47 @@ def non_finite_rows(values: torch.Tensor) -> torch.Tensor:
     return bad.nonzero().flatten().cpu()
 
 
-def warn_non_finite(what: str, rows: torch.Tensor, offset: int, loader_name: str) -> None:
-    """Warn that ``what`` is NaN/inf for loader rows ``offset + rows`` (nothing if ``rows`` is empty)."""
-    if rows.numel() == 0:
+def warn_outside_package(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn at the first caller outside sdi (the user's call), however deep sdi's stack is."""
+    if sys.version_info >= (3, 12):
+        warnings.warn(message, category, skip_file_prefixes=(_PACKAGE,))
         return
-    shown = (rows[:10] + offset).tolist()
-    more = f" and {rows.numel() - 10} more" if rows.numel() > 10 else ""
-    warnings.warn(
-        f"{what} is NaN or infinite for {loader_name} rows {shown}{more}; their scores are not "
-        "finite (top_influences excludes them)",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    frame, level = sys._getframe(1), 2  # stacklevel 2: this function's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _shown(rows: list[int]) -> str:
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return f"{rows[:10]}{more}"
+
+
+class NonFiniteRows:
+    """The rows of one pass over a loader whose loss or features hold a NaN or an infinity.
+
+    ``add_*`` take one batch's values and the loader row of its first example; :meth:`warn` reports
+    the rows found, once per pass (their influence scores are not finite: ``top_influences``
+    does not rank them). ``loader_name`` names the loader in the warning.
+    """
+
+    def __init__(self, loader_name: str):
+        self.loader_name = loader_name
+        self.rows: dict[str, list[int]] = {"loss": [], "features": []}
+
+    def add_losses(self, losses: torch.Tensor, offset: int) -> None:
+        """``losses (B,)``: one batch's per-example losses."""
+        self.rows["loss"] += (non_finite_rows(losses.detach()) + offset).tolist()
+
+    def add_features(self, features: torch.Tensor, offset: int) -> None:
+        """``features (B, ...)``: one batch's features."""
+        self.rows["features"] += (non_finite_rows(features) + offset).tolist()
+
+    def warn(self) -> None:
+        found = [f"{what} at rows {_shown(rows)}" for what, rows in self.rows.items() if rows]
+        if found:
+            warn_outside_package(
+                f"{self.loader_name}: NaN or infinite {' and '.join(found)} (rows in loader "
+                "order); the influence scores of these examples are not finite, and "
+                "top_influences does not rank them"
+            )

@@ -152,3 +152,15 @@ def linear_inputs(d_out, d_in, B, T, seed, dtype=torch.float32):
 def explicit_linear_sketch(a, g, table):
     """The sketch of the explicit gradient ``G^T A`` of one Linear use (DESIGN §2, identity 1)."""
     return sketch_matrix_explicit(torch.einsum("bto,bti->boi", g.float(), a.float()), table)
+
+
+class DiesAfter:
+    """A re-iterable loader whose every pass yields the first ``n`` of ``batches``, then raises
+    ``error`` (an interrupted run: sdi refuses one-shot generators as loaders)."""
+
+    def __init__(self, batches, n: int, error: type[BaseException]):
+        self.batches, self.n, self.error = batches, n, error
+
+    def __iter__(self):
+        yield from self.batches[: self.n]
+        raise self.error

@@ -42,6 +42,13 @@ def _data(folder: Path):
     return common
 
 
+def _nan_on_train_row_2(model, batch):
+    """Next-token loss, NaN-scaled (so NaN features) for train row 2: rank 1's first batch."""
+    row = random_token_batches(9, 2, SEQ, VOCAB, seed=11)[1]["tokens"][0]
+    bad = (batch["tokens"] == row).all(dim=1)
+    return next_token_loss(model, batch) * torch.where(bad, torch.nan, 1.0)
+
+
 def _estimator():
     model = tiny_model()
     return ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=48, seed=5)
@@ -88,6 +95,9 @@ def _runs(est, common, folder: Path, rank: int) -> dict:
         ),
         "one_batch": est.influence_across_checkpoints(gather_to="all", **one_batch),
         "top_one_batch": est.top_influences(k=1, gather_to="all", **one_batch),
+        "top_nan": est.top_influences(
+            k=3, gather_to="all", **dict(common, loss_fn=_nan_on_train_row_2)
+        ),
     }
     batch_sizes.clear()
     out["stored"] = est.influence_across_checkpoints(train_store=folder / "store", **common)
@@ -109,6 +119,7 @@ def _expected(folder: Path) -> dict:
         "top2": est.top_influences(k=2, **common),
         "one_batch": est.influence_across_checkpoints(**one_batch),
         "top_one_batch": est.top_influences(k=1, **one_batch),
+        "top_nan": est.top_influences(k=3, **dict(common, loss_fn=_nan_on_train_row_2)),
     }
     return {key: _as_dict(value) for key, value in out.items()}
 
@@ -284,6 +295,10 @@ def test_two_ranks_equal_one_process(checkpoints):
         _close(got[rank]["top"], want["top"])
         _close(got[rank]["one_batch"], want["one_batch"])
         _close(got[rank]["top_one_batch"], want["top_one_batch"])
+        _close(got[rank]["top_nan"], want["top_nan"])  # the NaN row of rank 1: never ranked
+    assert want["top_nan"]["n_excluded"].tolist() == [1] * 5
+    assert (want["top_nan"]["most_indices"] != 2).all()
+    assert torch.isfinite(want["top_nan"]["most_tracin"]).all()
     _close(got[1]["tracin"], want["tracin"])  # gather_to=1
     assert got[0]["tracin"] is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch.nn as nn
 from conftest import run_influence, save_checkpoint
@@ -160,3 +161,72 @@ def test_bad_arguments(tmp_path, model, train_batches, query_batches):
         est.featurize_loader(
             loader=train_batches, loss_fn=lambda m, b: next_token_loss(m, b)[:, None]
         )
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (dict(projection_size=2.5), TypeError, "projection_size must be an integer, got 2.5"),
+        (dict(projection_size=16.0), TypeError, "projection_size must be an integer, got 16.0"),
+        (dict(projection_size=True), TypeError, "projection_size must be an integer, got True"),
+        (dict(projection_size=-4), ValueError, "projection_size must be positive, got -4"),
+        (dict(seed=2**70), ValueError, f"seed must be <= {2**64 - 1}, got {2**70}"),
+        (dict(seed=-(2**64)), ValueError, "seed must be >= "),
+        (dict(seed=1.5), TypeError, "seed must be an integer, got 1.5"),
+        (dict(seed="7"), TypeError, "seed must be an integer, got '7'"),
+    ],
+)
+def test_non_integer_or_out_of_range_sketch_arguments_are_refused(model, bad, error, message):
+    with pytest.raises(error) as err:
+        ProjectedTracInSDI(model=model, target_modules=model.core, **bad)
+    assert str(err.value).startswith(message)
+
+
+def test_numpy_integers_are_accepted_as_the_same_sketch(model, train_batches):
+    a = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=16, seed=3)
+    feats = a.featurize_loader(loader=train_batches, loss_fn=next_token_loss).phi
+    a.close()
+    b = ProjectedTracInSDI(
+        model=model, target_modules=model.core, projection_size=np.int64(16), seed=np.int32(3)
+    )
+    again = b.featurize_loader(loader=train_batches, loss_fn=next_token_loss).phi
+    assert all(again[name].equal(feats[name]) for name in feats)
+
+
+@pytest.mark.parametrize("method", ["influence", "top", "featurize"])
+def test_a_closed_estimator_says_it_is_closed_before_any_work(
+    tmp_path, model, train_batches, query_batches, method
+):
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=16)
+    est.close()
+    est.close()  # closing twice is harmless
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return next_token_loss(model, batch)
+
+    loaded = []
+
+    def load(p):
+        loaded.append(p)
+        return default_load_checkpoint(p)
+
+    calls_of = {
+        "influence": lambda: run_influence(
+            est, path, train_batches, query_batches, loss_fn=counting, load_checkpoint_fn=load
+        ),
+        "top": lambda: est.top_influences(
+            k=1,
+            checkpoints=[path],
+            train_loader=train_batches,
+            query_loader=query_batches,
+            loss_fn=counting,
+            load_checkpoint_fn=load,
+        ),
+        "featurize": lambda: est.featurize_loader(loader=train_batches, loss_fn=counting),
+    }
+    with pytest.raises(RuntimeError, match=r"this estimator was closed \(close\(\) removed"):
+        calls_of[method]()
+    assert calls == [] and loaded == []

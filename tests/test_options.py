@@ -59,3 +59,17 @@ def test_replace_checks_again_and_chunks_pair_the_sizes():
     assert dataclasses.replace(options, mode="tracin").mode == "tracin"
     with pytest.raises(ValueError, match="with_step_matrix"):
         dataclasses.replace(options, with_step_matrix=True, mode="tracin")
+
+
+@pytest.mark.parametrize("name", ["train_loader", "query_loader"])
+def test_one_shot_loaders_are_refused_on_construction(name):
+    with pytest.raises(TypeError, match=f"{name} is an iterator, which can be iterated only once"):
+        _options(**{name: (batch for batch in [1, 2])})
+
+
+@pytest.mark.parametrize("name", ["max_query_bytes", "train_chunk_size", "query_chunk_size"])
+def test_non_integer_sizes_are_refused(name):
+    with pytest.raises(TypeError, match=f"{name} must be an integer, got 2.5"):
+        _options(**{name: 2.5})
+    if name != "max_query_bytes":  # a chunk size <= 0 takes the whole dimension
+        assert getattr(_options(**{name: 0}), name) == 0

@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SEQ, VOCAB, run_influence, save_checkpoint, sketched, tiny_model
+from conftest import (
+    SEQ,
+    VOCAB,
+    DiesAfter,
+    run_influence,
+    save_checkpoint,
+    sketched,
+    tiny_model,
+)
 
 import sdi
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
@@ -526,12 +534,8 @@ def test_estimator_recomputes_a_corrupt_shard_when_resuming(tmp_path, ckpt):
     class Killed(Exception):
         pass
 
-    def dies_after_two():
-        yield from _train()[:2]
-        raise Killed
-
     with pytest.raises(Killed):
-        _run(est, ckpt, dies_after_two(), store)
+        _run(est, ckpt, DiesAfter(_train(), 2, Killed), store)
     folder = _only_folder(store)
     _garbage(folder / "shard_000000.npy", folder)
     calls = []
@@ -546,15 +550,8 @@ def test_estimator_recomputes_a_corrupt_shard_when_resuming(tmp_path, ckpt):
 def test_estimator_refuses_to_resume_with_other_train_batches(tmp_path, ckpt):
     est, store = _est(), tmp_path / "store"
 
-    def interrupted(train):
-        def gen():
-            yield from train[:1]
-            raise KeyboardInterrupt
-
-        return gen()
-
     with pytest.raises(KeyboardInterrupt):
-        _run(est, ckpt, interrupted(_train()), store)
+        _run(est, ckpt, DiesAfter(_train(), 1, KeyboardInterrupt), store)
     with pytest.raises(StoreMismatchError, match="train batch 0 differs"):
         _run(est, ckpt, _train(batch_size=2), store)  # another batch size
     other = random_token_batches(7, 3, SEQ, VOCAB, seed=99)  # same shapes, other examples
@@ -680,12 +677,10 @@ def test_store_resumes_after_interruption_and_serves_other_query_sets(
     class Killed(Exception):
         pass
 
-    def dies_after_two():
-        yield from train_batches[:2]
-        raise Killed
-
     with pytest.raises(Killed):
-        run_influence(est, path, dies_after_two(), query_batches, train_store=store)
+        run_influence(
+            est, path, DiesAfter(train_batches, 2, Killed), query_batches, train_store=store
+        )
     (folder,) = store.iterdir()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert len(manifest["shards"]) == 2 and not manifest["complete"]

@@ -67,10 +67,11 @@ def child(n_train: int) -> None:
     model = LoopedTransformer(vocab=VOCAB, d_model=D, n_heads=4, loop_steps=STEPS, max_len=SEQ)
     model.eval()
 
-    def train():  # generated lazily: the data set itself should not count as our memory
-        for i in range(0, n_train, 32):
-            gen = torch.Generator().manual_seed(i)
-            yield {"tokens": torch.randint(0, VOCAB, (32, SEQ), generator=gen)}
+    class Train:  # generated lazily: the data set itself should not count as our memory
+        def __iter__(self):  # re-iterable: every pass generates the same batches again
+            for i in range(0, n_train, 32):
+                gen = torch.Generator().manual_seed(i)
+                yield {"tokens": torch.randint(0, VOCAB, (32, SEQ), generator=gen)}
 
     heap = []
 
@@ -84,11 +85,11 @@ def child(n_train: int) -> None:
         query = random_token_batches(N_QUERY, N_QUERY, SEQ, VOCAB, seed=1)
         est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=M)
         common = dict(checkpoints=[CheckpointSpec(path)], query_loader=query, loss_fn=loss_fn)
-        est.influence_across_checkpoints(train_loader=[next(train())], **common)  # warm-up
+        est.influence_across_checkpoints(train_loader=[next(iter(Train()))], **common)  # warm-up
         heap.clear()
         before_heap, before_rss = _heap_in_use(), _rss_bytes()
         start = time.perf_counter()
-        out = est.influence_across_checkpoints(train_loader=train(), **common)
+        out = est.influence_across_checkpoints(train_loader=Train(), **common)
         seconds = time.perf_counter() - start
     params = sum(1 for _ in model.core.parameters())
     reference = n_train * params * STEPS * M * 4
