@@ -43,7 +43,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,6 +459,30 @@ def eta_and_source(checkpoint: dict[str, Any], *, fallback: float = 1.0) -> tupl
         if lr is not None:
             return lr, OPTIMIZER_FILE
     return _finite(fallback, "fallback"), "fallback"
+
+
+def load_checkpoint_into(
+    model: nn.Module,
+    spec: CheckpointSpec,
+    load_checkpoint_fn: Callable[[Any], dict[str, Any]],
+    load_model_state_dict_fn: Callable[[nn.Module, dict[str, Any]], None],
+    eta_from_checkpoint_fn: Callable[[dict[str, Any]], float],
+) -> float:
+    """Load ``spec`` into ``model`` (then eval mode) and return its ``eta_k``, checked finite.
+
+    ``spec.weight`` when given, else ``eta_from_checkpoint_fn`` of the loaded checkpoint -- a
+    custom one's NaN or inf is an error naming the checkpoint, like a stored learning rate's.
+    """
+    checkpoint = load_checkpoint_fn(spec.path)
+    if spec.weight is not None:
+        weight = float(spec.weight)
+    else:
+        weight = _finite(
+            eta_from_checkpoint_fn(checkpoint), f"the weight (eta) of checkpoint {str(spec.path)!r}"
+        )
+    load_model_state_dict_fn(model, checkpoint)
+    model.eval()
+    return weight
 
 
 def default_eta_from_checkpoint(checkpoint: dict[str, Any], *, fallback: float = 1.0) -> float:

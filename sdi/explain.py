@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import load_checkpoint_into
 from .featurize import Featurizer
 from .options import RunOptions
 from .outputs import PairExplanation
@@ -131,16 +132,13 @@ def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator
         for spec in tqdm(
             options.checkpoints, desc=options.progress_desc, disable=not options.progress
         ):
-            checkpoint = options.load_checkpoint_fn(spec.path)
-            weight = (
-                float(spec.weight)
-                if spec.weight is not None
-                else float(options.eta_from_checkpoint_fn(checkpoint))
+            yield load_checkpoint_into(
+                model,
+                spec,
+                options.load_checkpoint_fn,
+                options.load_model_state_dict_fn,
+                options.eta_from_checkpoint_fn,
             )
-            options.load_model_state_dict_fn(model, checkpoint)
-            del checkpoint
-            model.eval()
-            yield weight
     finally:
         model.train(was_training)
 

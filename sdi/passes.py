@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import load_checkpoint_into
 from .distributed import LocalSharding, Sharding
 from .featurize import Featurizer, LossFn
 from .fingerprints import checkpoint_fingerprint, loss_fn_fingerprint, model_fingerprint
@@ -92,15 +93,13 @@ def checkpoint_passes(
                 dynamic_ncols=True,
             )
         ):
-            checkpoint = options.load_checkpoint_fn(spec.path)
-            weight = (
-                float(spec.weight)
-                if spec.weight is not None
-                else float(options.eta_from_checkpoint_fn(checkpoint))
+            weight = load_checkpoint_into(
+                model,
+                spec,
+                options.load_checkpoint_fn,
+                options.load_model_state_dict_fn,
+                options.eta_from_checkpoint_fn,
             )
-            options.load_model_state_dict_fn(model, checkpoint)
-            del checkpoint
-            model.eval()
             store = None
             if options.train_store is not None:
                 store = checkpoint_store(

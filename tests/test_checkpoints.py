@@ -297,6 +297,17 @@ def test_stored_lr_must_be_a_finite_number(tmp_path, trained, train_batches, que
     )  # unused
 
 
+@pytest.mark.parametrize("eta", [math.nan, -math.inf, "abc"])
+def test_a_custom_eta_function_must_give_a_finite_number(
+    tmp_path, train_batches, query_batches, eta
+):
+    path = save_checkpoint(tmp_path / "custom-eta.pt", tiny_model())
+    model = tiny_model()
+    est = ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=8)
+    with pytest.raises(ValueError, match=r"weight \(eta\) of checkpoint .*custom-eta\.pt.* finite"):
+        run_influence(est, path, train_batches, query_batches, eta_from_checkpoint_fn=lambda c: eta)
+
+
 @pytest.mark.parametrize("lr", [math.nan, "abc"])
 def test_trainer_state_lr_must_be_a_finite_number(tmp_path, trained, lr):
     save_file(_state(trained), tmp_path / "model.safetensors")
