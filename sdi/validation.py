@@ -61,12 +61,17 @@ def check_reiterable(loader: Any, name: str) -> None:
         )
 
 
+def _non_finite_mask(values: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool, on ``values``' device: whether row ``i`` of ``values (N, ...)`` holds a NaN or
+    an infinity (no host sync)."""
+    if values.numel() == 0:
+        return torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+    return ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+
+
 def non_finite_rows(values: torch.Tensor) -> torch.Tensor:
     """Row indices (int64, on the CPU) of ``values (N, ...)`` holding a NaN or an infinity."""
-    if values.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
-    return bad.nonzero().flatten().cpu()
+    return _non_finite_mask(values).nonzero().flatten().cpu()
 
 
 def warn_outside_package(message: str, category: type[Warning] = RuntimeWarning) -> None:
@@ -95,15 +100,25 @@ class NonFiniteRows:
 
     def __init__(self, loader_name: str):
         self.loader_name = loader_name
-        self.rows: dict[str, list[int]] = {"loss": [], "features": []}
+        # Per batch, a (B,) bool mask left on the device: the rows are read once, in warn(),
+        # so a pass on a GPU pays one host sync, not two per batch.
+        self._masks: dict[str, list[tuple[int, torch.Tensor]]] = {"loss": [], "features": []}
 
     def add_losses(self, losses: torch.Tensor, offset: int) -> None:
         """``losses (B,)``: one batch's per-example losses."""
-        self.rows["loss"] += (non_finite_rows(losses.detach()) + offset).tolist()
+        self._masks["loss"].append((offset, _non_finite_mask(losses.detach())))
 
     def add_features(self, features: torch.Tensor, offset: int) -> None:
         """``features (B, ...)``: one batch's features."""
-        self.rows["features"] += (non_finite_rows(features) + offset).tolist()
+        self._masks["features"].append((offset, _non_finite_mask(features)))
+
+    @property
+    def rows(self) -> dict[str, list[int]]:
+        """Loader rows with a non-finite loss / features, so far in this pass."""
+        return {
+            what: [offset + i for offset, m in masks for i in m.nonzero().flatten().tolist()]
+            for what, masks in self._masks.items()
+        }
 
     def warn(self) -> None:
         found = [f"{what} at rows {_shown(rows)}" for what, rows in self.rows.items() if rows]
