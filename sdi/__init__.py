@@ -5,6 +5,7 @@ Drop-in for ``step-decomposed-influence`` 0.1.1, with kernels chosen by ``SDI_BA
 
 __version__ = "0.2.0"  # before the imports: sdi.estimators records it in feature stores
 
+from .auto_core import LoopedCore, find_looped_core
 from .backend import backend_info
 from .checkpoints import CheckpointSpec
 from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
@@ -24,4 +25,6 @@ __all__ = [
     "ModuleRule",
     "register_rule",
     "StepPlan",
+    "find_looped_core",
+    "LoopedCore",
 ]

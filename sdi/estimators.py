@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from . import distributed, influence, loaders, topk
+from . import auto_core, distributed, influence, loaders, topk
 from .backend import get_backend
 from .checkpoints import (
     CheckpointSpec,
@@ -72,6 +72,7 @@ class _Estimator:
         it to that rank and ``None`` to the others; ``None`` gives each rank the rows of its own
         batches, in order. With no process group ``gather_to`` is ignored.
         """
+        self._featurizer = auto_core.resolved(self._featurizer, loader, loss_fn, "loader")
         with distributed.failures_shared(self._featurizer.device):
             return loaders.featurize_loader(
                 self._featurizer, loader, loss_fn, gather_to, estimator=self._identity
@@ -134,6 +135,9 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals())  # first: locals() are the call's arguments alone
+            self._featurizer = auto_core.resolved(
+                self._featurizer, query_loader, loss_fn, "query_loader"
+            )
             self._featurizer.check_open()
             return influence.influence_across_checkpoints(
                 self._featurizer, options, estimator=self._identity
@@ -175,6 +179,9 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals(), skip=("k", "explain"))  # first: locals() = the arguments
+            self._featurizer = auto_core.resolved(
+                self._featurizer, query_loader, loss_fn, "query_loader"
+            )
             self._featurizer.check_open()
             top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
         # Outside the shared-failure scope: only the receiving rank(s) explain, in one process.
@@ -220,6 +227,9 @@ class _Estimator:
         (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
         """
         options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
+        self._featurizer = auto_core.resolved(
+            self._featurizer, query_loader, loss_fn, "query_loader"
+        )
         self._featurizer.check_open()
         return explain_pairs(self._featurizer, options, pairs)
 
@@ -242,7 +252,10 @@ class ProjectedTracInSDI(_Estimator):
     Args:
         model: the whole model; ``loss_fn(model, batch)`` runs it.
         target_modules: the module(s) whose trainable parameters are analysed -- for a looped model,
-            the recurrent core, so that its ``steps`` uses become the SDI steps.
+            the recurrent core, so that its ``steps`` uses become the SDI steps. ``"auto"``: found
+            from the first batch of the first call with data (:mod:`sdi.auto_core`: the outermost
+            parameter-owning modules that run more than once per forward pass), printed with
+            its step plan; several loops run different numbers of times are an error that lists them.
         projection_size: sketch size ``m`` per parameter (error shrinks like ``1/sqrt(m)``).
         seed: seed of the hash tables; one seed gives one sketch on every device and backend.
         loss_reduction: ``"sum"`` or ``"mean"`` (how a per-example loss vector is reduced, or how
@@ -259,7 +272,7 @@ class ProjectedTracInSDI(_Estimator):
         self,
         *,
         model: nn.Module,
-        target_modules: nn.Module | Sequence[nn.Module],
+        target_modules: nn.Module | Sequence[nn.Module] | str,
         projection_size: int = 2048,
         seed: int = 0,
         loss_reduction: str = "sum",
@@ -275,7 +288,7 @@ class ProjectedTracInSDI(_Estimator):
             "seed": seed,
             "projection_size": projection_size,
         }
-        self._featurizer = Featurizer(
+        self._featurizer = auto_core.featurizer_for(
             model=model,
             target_modules=target_modules,
             projection_size=projection_size,
@@ -300,7 +313,7 @@ class FullGradientTracInSDI(_Estimator):
         self,
         *,
         model: nn.Module,
-        target_modules: nn.Module | Sequence[nn.Module],
+        target_modules: nn.Module | Sequence[nn.Module] | str,
         loss_reduction: str = "sum",
         batch_first: bool = True,
         expected_steps: int | None = None,
@@ -308,7 +321,7 @@ class FullGradientTracInSDI(_Estimator):
         strict: bool = True,
     ) -> None:
         self._identity = {"estimator": "exact"}
-        self._featurizer = Featurizer(
+        self._featurizer = auto_core.featurizer_for(
             model=model,
             target_modules=target_modules,
             projection_size=None,
