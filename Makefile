@@ -12,7 +12,7 @@ STAMP := $(VENV)/.sdi-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,triton,plot,hf]"
+	$(PY) -m pip install -q -e ".[dev,triton,plot,hf,data,datasets]"
 	touch $(STAMP)
 
 demo: $(STAMP)
