@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdi-installed
 
-.PHONY: demo test lint format bench bench-accuracy kernel-report clean
+.PHONY: demo demo-cli test lint format bench bench-accuracy kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(PY) examples/toy_looped_transformer_sdi.py --device cpu
+
+# The README's command-line quickstart: a tiny looped causal LM, two Trainer checkpoints and JSONL
+# data made locally, then `sdi attribute` on them (~20 s of CPU).
+DEMO_DIR ?= $(or $(TMPDIR),/tmp)/sdi-cli-demo
+demo-cli: $(STAMP)
+	$(PY) examples/make_tiny_hf_model.py --out $(DEMO_DIR)
+	$(VENV)/bin/sdi attribute --model $(DEMO_DIR)/model --checkpoints '$(DEMO_DIR)/checkpoint-*' \
+		--train $(DEMO_DIR)/train.jsonl --query $(DEMO_DIR)/query.jsonl \
+		--target-modules model.L_module -k 3 --out $(DEMO_DIR)/top.json
 
 test: $(STAMP)
 	$(PY) -m ruff check sdi tests bench examples

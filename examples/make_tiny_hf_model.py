@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import HrmTextConfig, HrmTextForCausalLM, PreTrainedTokenizerFast, TrainerState
 
@@ -83,6 +84,7 @@ def save_checkpoint(folder: Path, model, step: int, history: list[dict]) -> None
 def make(out: Path) -> dict[str, Path]:
     """Write everything under ``out``; returns the paths by name."""
     out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()  # a bar per saved folder says nothing here
     texts = corpus()
     tokenizer = make_tokenizer(texts + QUERIES)
     model = make_model(len(tokenizer), tokenizer.pad_token_id)

@@ -351,6 +351,7 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
         results["explanations"] = explanations
     write_json_atomic(out, results)
     _write_html_report(args, results)
+    _print_summary(top)
     k_used = top.most_indices.shape[1]
     print(
         f"sdi: top {k_used} of {train_info['examples']} train examples for "
@@ -358,6 +359,20 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _print_summary(top: Any, queries: int = 3) -> None:
+    """The most influential train rows of the first ``queries`` queries, with TracIn and SDI."""
+    for j in range(min(queries, top.most_indices.shape[0])):
+        pairs = [
+            f"{int(i)} ({float(s):+.2e})"
+            for i, s in zip(top.most_indices[j], top.most_tracin[j], strict=True)
+            if int(i) >= 0
+        ]
+        steps = " ".join(f"{v:+.1e}" for v in top.most_sdi[j, 0].tolist())
+        print(
+            f"query {j}: most influential train rows {', '.join(pairs)}; SDI of the first [{steps}]"
+        )
 
 
 def _write_html_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
