@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .featurize import Featurizer
-from .hooks import CallLog
 from .steps import StepPlan, plan_steps
 
 AUTO = "auto"
@@ -78,11 +77,26 @@ def is_auto(target_modules: Any) -> bool:
     return isinstance(target_modules, str) and target_modules == AUTO
 
 
+@dataclass
+class _Timeline:
+    """What :func:`sdi.steps.plan_steps` reads of a forward pass (as :class:`sdi.hooks.CallLog`
+    holds it): per module its calls' positions in ``order`` and their (enter, exit) ticks."""
+
+    order: list[nn.Module] = field(default_factory=list)
+    uses: dict[nn.Module, list[int]] = field(default_factory=dict)
+    spans: dict[nn.Module, list[tuple[int, int]]] = field(default_factory=dict)
+    clock: int = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+
 class _CallCounter:
     """Forward (pre-)hooks on every module: each call's enter / exit tick, grad-enabled calls only."""
 
     def __init__(self, model: nn.Module):
-        self.log = CallLog()
+        self.log = _Timeline()
         self._open: dict[nn.Module, list[int]] = {}
         self._handles = []
         for module in model.modules():
@@ -201,7 +215,12 @@ def find_looped_core(
         )
     owners = _owners(model, outer)
     try:
-        plan = plan_steps(log, owners, expected_steps=None, allow_mixed_steps=allow_mixed_steps)
+        plan = plan_steps(
+            log,  # type: ignore[arg-type]  # the CallLog fields plan_steps reads
+            owners,
+            expected_steps=None,
+            allow_mixed_steps=allow_mixed_steps,
+        )
     except RuntimeError as err:
         chosen = ", ".join(names[m] for m in outer)
         raise ValueError(f"the looped core found ({chosen}) has no step plan: {err}") from err

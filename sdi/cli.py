@@ -157,8 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bars (default: when stderr is a terminal)",
     )
     attribute.add_argument("--out", required=True, help="the JSON file to write")
-    # The HTML report (its own issue) plugs in here: an --html-report PATH option, written by
-    # _write_html_report below after the JSON, from the same `results` dict.
+    # The HTML report (its own issue) adds its option here; _attribute marks where it is written.
 
     info = commands.add_parser(
         "info",
@@ -250,6 +249,8 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     inputs = _Inputs(args)
     checkpoints = resolve_checkpoints(args.checkpoints, inputs.model_folder)
+    if not args.checkpoints:
+        print(f"sdi: no --checkpoints: using the weights in {args.model}", file=sys.stderr)
     train, train_info = inputs.batches(args.train)
     query, query_info = inputs.batches(args.query)
     etas: dict[str, tuple[float, str]] = {}
@@ -350,7 +351,7 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
     if explanations is not None:
         results["explanations"] = explanations
     write_json_atomic(out, results)
-    _write_html_report(args, results)
+    # The HTML report (its own issue) goes here: written from `results`, after the JSON.
     _print_summary(top)
     k_used = top.most_indices.shape[1]
     print(
@@ -373,10 +374,6 @@ def _print_summary(top: Any, queries: int = 3) -> None:
         print(
             f"query {j}: most influential train rows {', '.join(pairs)}; SDI of the first [{steps}]"
         )
-
-
-def _write_html_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Where the HTML report (its own issue) will be written from ``results``; nothing yet."""
 
 
 def _environment(device: str) -> dict[str, Any]:

@@ -78,6 +78,11 @@ def load_model(spec: str, model_class: str) -> tuple[nn.Module, dict[str, Any]]:
                 f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
             )
         return model, {"source": spec, "kind": "factory", "class": type(model).__name__}
+    if path.is_file():
+        raise UsageError(
+            f"--model {spec!r} is a file: pass the folder holding it with config.json (a Hugging "
+            "Face model folder), or package.module:factory; checkpoint files go to --checkpoints"
+        )
     raise UsageError(
         f"--model {spec!r}: no such folder. Pass a local Hugging Face model folder (with "
         "config.json, as save_pretrained writes it) or package.module:factory"

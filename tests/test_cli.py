@@ -275,6 +275,20 @@ def test_folder_without_config_and_checkpoint_of_another_model(tiny, tmp_path, c
     assert "does not fit the model HrmTextForCausalLM" in capsys.readouterr().err
 
 
+def test_unknown_model_type_and_a_file_as_model(tiny, tmp_path, capsys):
+    folder = tmp_path / "strange"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
+    args = _attribute(tiny, tmp_path / "top.json")
+    args[args.index("--model") + 1] = str(folder)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "AutoModelForCausalLM cannot load it" in err and "upgrade transformers" in err
+    args[args.index("--model") + 1] = str(tiny["model"] / "model.safetensors")
+    assert main(args) == 2
+    assert "is a file: pass the folder holding it" in capsys.readouterr().err
+
+
 def test_missing_optional_reader_names_the_install(tmp_path, monkeypatch):
     path = tmp_path / "data.parquet"
     path.write_bytes(b"PAR1")
