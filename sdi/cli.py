@@ -244,6 +244,8 @@ def _data_description(path: str, described: dict[str, Any]) -> dict[str, Any]:
 
 def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
     _check_positive(args, "k", "projection_size")
+    if args.standard_errors and args.exact:
+        raise UsageError("--standard-errors is for sketched scores: drop it, or drop --exact")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
@@ -253,24 +255,6 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"sdi: no --checkpoints: using the weights in {args.model}", file=sys.stderr)
     train, train_info = inputs.batches(args.train)
     query, query_info = inputs.batches(args.query)
-    etas: dict[str, tuple[float, str]] = {}
-
-    def eta_recorded(checkpoint: dict[str, Any]) -> float:
-        eta, source = eta_and_source(checkpoint)
-        etas[str(getattr(checkpoint, "path", ""))] = (eta, source)
-        return eta
-
-    def load_state(model: nn.Module, checkpoint: dict[str, Any]) -> None:
-        try:
-            default_load_model_state_dict(model, checkpoint)
-        except RuntimeError as err:  # keys or shapes that do not fit: the wrong model
-            raise UsageError(
-                f"checkpoint {getattr(checkpoint, 'path', '')} does not fit the model "
-                f"{inputs.description['class']} ({str(err).splitlines()[0]}...): pass checkpoints "
-                "of this model"
-            ) from err
-
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
     targets, core_names = inputs.targets, args.target_modules.split(",")
     if targets == "auto":  # found here rather than in the estimator: the names go in the results
         core = find_looped_core(
@@ -281,20 +265,7 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
         )
         print(f"sdi: {core}", file=sys.stderr)
         targets, core_names = core.modules, core.names
-    if args.exact:
-        est = FullGradientTracInSDI(
-            model=inputs.model,
-            target_modules=targets,
-            allow_mixed_steps=args.allow_mixed_steps,
-        )
-    else:
-        est = ProjectedTracInSDI(
-            model=inputs.model,
-            target_modules=targets,
-            projection_size=args.projection_size,
-            seed=args.seed,
-            allow_mixed_steps=args.allow_mixed_steps,
-        )
+    etas: dict[str, tuple[float, str]] = {}  # checkpoint -> (eta, where it came from)
     run = dict(
         checkpoints=[CheckpointSpec(p) for p in checkpoints],
         train_loader=train,
@@ -305,16 +276,15 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
             if inputs.model_folder is not None
             else default_load_checkpoint
         ),
-        load_model_state_dict_fn=load_state,
-        eta_from_checkpoint_fn=eta_recorded,
-        progress=progress,
+        load_model_state_dict_fn=_state_loader(inputs.description["class"]),
+        eta_from_checkpoint_fn=_eta_recorder(etas),
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
         train_store=args.train_store,
     )
+    est = _estimator(args, inputs.model, targets)
     top = est.top_influences(k=args.k, explain=args.explain, **run)
     se = None
     if args.standard_errors:
-        if args.exact:
-            raise UsageError("--standard-errors is for sketched scores; drop it with --exact")
         se = est.influence_across_checkpoints(
             mode="tracin", with_standard_errors=True, **run
         ).tracin_se
@@ -331,11 +301,7 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
             "structure_fingerprint": model_fingerprint(inputs.model),
         },
         "checkpoints": [
-            {
-                "path": p,
-                "eta": etas.get(p, (None, None))[0],
-                "eta_source": etas.get(p, (0, None))[1],
-            }
+            dict(zip(("path", "eta", "eta_source"), (p, *etas[str(Path(p))]), strict=True))
             for p in checkpoints
         ],
         "train": _data_description(args.train, train_info),
@@ -353,13 +319,53 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
     write_json_atomic(out, results)
     # The HTML report (its own issue) goes here: written from `results`, after the JSON.
     _print_summary(top)
-    k_used = top.most_indices.shape[1]
     print(
-        f"sdi: top {k_used} of {train_info['examples']} train examples for "
+        f"sdi: top {top.most_indices.shape[1]} of {train_info['examples']} train examples for "
         f"{query_info['examples']} queries -> {out}",
         file=sys.stderr,
     )
     return 0
+
+
+def _estimator(args: argparse.Namespace, model: nn.Module, targets: Any):
+    if args.exact:
+        return FullGradientTracInSDI(
+            model=model, target_modules=targets, allow_mixed_steps=args.allow_mixed_steps
+        )
+    return ProjectedTracInSDI(
+        model=model,
+        target_modules=targets,
+        projection_size=args.projection_size,
+        seed=args.seed,
+        allow_mixed_steps=args.allow_mixed_steps,
+    )
+
+
+def _eta_recorder(etas: dict[str, tuple[float, str]]):
+    """The default ``eta`` of each checkpoint (:func:`sdi.checkpoints.eta_and_source`), noting
+    where it came from in ``etas`` (keyed by the checkpoint's path) for the results."""
+
+    def eta(checkpoint: dict[str, Any]) -> float:
+        value, source = eta_and_source(checkpoint)
+        etas[str(Path(getattr(checkpoint, "path", "")))] = (value, source)
+        return value
+
+    return eta
+
+
+def _state_loader(model_class: str):
+    """The default state-dict loading, with a checkpoint of another model as bad input."""
+
+    def load(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+        try:
+            default_load_model_state_dict(model, checkpoint)
+        except RuntimeError as err:  # keys or shapes that do not fit
+            raise UsageError(
+                f"checkpoint {getattr(checkpoint, 'path', '')} does not fit the model "
+                f"{model_class} ({str(err).splitlines()[0]}...): pass checkpoints of this model"
+            ) from err
+
+    return load
 
 
 def _print_summary(top: Any, queries: int = 3) -> None:
