@@ -224,6 +224,30 @@ def test_factory_model_with_auto_core_equals_the_python_api(tmp_path, capsys):
     _assert_top_equal(result["top"], top)
 
 
+def doubled_loss(model, batch):
+    """A user's own loss for --loss test_cli:doubled_loss: twice the default one."""
+    return 2 * causal_lm_loss(model, batch)
+
+
+def test_own_loss_plugs_in(tmp_path):
+    _factory_inputs(tmp_path)
+    args = ["attribute", "--model", "looped_lm:LoopedLM", "--checkpoints", str(tmp_path / "c1.pt")]
+    args += ["--train", str(tmp_path / "train.jsonl"), "--query", str(tmp_path / "query.jsonl")]
+    args += ["--ids-field", "ids", "-k", "2", "--exact", "--no-progress"]
+    results = {}
+    for loss in (None, "test_cli:doubled_loss"):
+        out = tmp_path / f"{loss}.json"
+        assert main([*args, "--out", str(out)] + (["--loss", loss] if loss else [])) == 0
+        results[loss] = json.loads(out.read_text())
+    plain, doubled = results[None], results["test_cli:doubled_loss"]
+    assert doubled["loss"]["name"] == "test_cli:doubled_loss"
+    assert doubled["top"]["most_indices"] == plain["top"]["most_indices"]
+    # Both gradients double: every score is 4 times the default loss's.
+    torch.testing.assert_close(
+        torch.tensor(doubled["top"]["most_tracin"]), 4 * torch.tensor(plain["top"]["most_tracin"])
+    )
+
+
 BAD = [
     (["--model", "no/such/folder"], "no such folder"),
     (["--model-class", "NoSuchModel"], "--model-class 'NoSuchModel': transformers"),
