@@ -248,6 +248,26 @@ def test_own_loss_plugs_in(tmp_path):
     )
 
 
+def test_train_store_is_written_then_read_with_the_same_result(tmp_path):
+    _factory_inputs(tmp_path)
+    store = tmp_path / "store"
+    args = ["attribute", "--model", "looped_lm:LoopedLM", "--checkpoints", str(tmp_path / "c1.pt")]
+    args += ["--train", str(tmp_path / "train.jsonl"), "--query", str(tmp_path / "query.jsonl")]
+    args += ["--ids-field", "ids", "-k", "2", "--projection-size", "128", "--no-progress"]
+    args += ["--train-store", str(store)]
+    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+
+    def files():
+        return {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    written = files()
+    assert written  # the train features are on disk
+    assert main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["top"] == b["top"] and a["settings"]["train_store"] == str(store)
+    assert files() == written  # read, not written again
+
+
 BAD = [
     (["--model", "no/such/folder"], "no such folder"),
     (["--model-class", "NoSuchModel"], "--model-class 'NoSuchModel': transformers"),
