@@ -403,6 +403,19 @@ def test_info_prints_backend_model_and_the_core(tiny, tmp_path, capsys):
     assert "StepPlan: 3 steps" in text
 
 
+def test_info_finds_albert_s_shared_group_in_a_model_folder(tmp_path, capsys):
+    from test_hf_models import _albert
+
+    torch.manual_seed(0)
+    _albert()[0].save_pretrained(tmp_path / "albert")
+    args = ["info", "--model", str(tmp_path / "albert"), "--model-class", "AlbertForMaskedLM"]
+    assert main([*args, "--seq-len", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "AlbertForMaskedLM" in text
+    assert "looped core (target_modules='auto'): albert.encoder.albert_layer_groups.0" in text
+    assert "StepPlan: 3 steps" in text
+
+
 @pytest.mark.parametrize("command", [[], ["attribute"], ["info"]])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as done:
