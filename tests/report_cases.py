@@ -57,3 +57,63 @@ def make_top(n_query=3, k=4, steps=5, n_train=40, length=6, explain=True, seed=0
 def texts(n: int, prefix: str) -> list[str]:
     """``n`` texts, each naming its row; row 1 holds markup that must stay text."""
     return [f"{prefix} {i}: " + ("bits 1 0 1" if i != 1 else NASTY) for i in range(n)]
+
+
+class Node:
+    """An element of a parsed page: tag, attributes, children and its own text."""
+
+    def __init__(self, tag: str, attrs: dict[str, str]):
+        self.tag, self.attrs, self.children, self.own_text = tag, attrs, [], []
+
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def text(self) -> str:
+        return "".join(self.own_text) + "".join(c.text() for c in self.children)
+
+    def iter(self):
+        yield self
+        for child in self.children:
+            yield from child.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None, **attrs) -> list[Node]:
+        return [
+            n
+            for n in self.iter()
+            if (tag is None or n.tag == tag)
+            and (cls is None or cls in n.classes())
+            and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())
+        ]
+
+
+_VOID = {"meta", "input", "br", "img", "link", "hr", "col", "source", "area", "base", "wbr"}
+
+
+def parse_page(markup: str) -> Node:
+    """A tree of :class:`Node` from HTML (the stdlib parser; enough for the report's pages)."""
+    from html.parser import HTMLParser
+
+    root = Node("#root", {})
+    stack = [root]
+
+    class Builder(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            node = Node(tag, {k: v or "" for k, v in attrs})
+            stack[-1].children.append(node)
+            if tag not in _VOID:
+                stack.append(node)
+
+        def handle_startendtag(self, tag, attrs):
+            stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
+
+        def handle_endtag(self, tag):
+            for depth in range(len(stack) - 1, 0, -1):  # close up to the matching element
+                if stack[depth].tag == tag:
+                    del stack[depth:]
+                    return
+
+        def handle_data(self, data):
+            stack[-1].own_text.append(data)
+
+    Builder(convert_charrefs=True).feed(markup)
+    return root
