@@ -178,8 +178,11 @@
   }
 
   // ---- the explained pair: position x step and group x step heatmaps -------------------------
-  function heatmap(title, values, labels, bound, rowName) {
-    var cell = 22, ch = 16, labelW = 8 + 7 * Math.min(16, labels.reduce(function (m, s) {
+  // Rows of values (one per position or group) x steps; positions get their number beside the
+  // token, since tokens repeat.
+  function heatmap(title, values, labels, bound, rowName, numbered) {
+    var cell = 22, ch = 16, numW = numbered ? 8 + 7 * String(values.length - 1).length : 0;
+    var labelW = numW + 8 + 7 * Math.min(16, labels.reduce(function (m, s) {
       return Math.max(m, s.length); }, 2));
     var w = labelW + STEPS * cell + 4, h = 20 + values.length * ch + 4;
     var node = svg("svg", { width: w, height: h, class: "heatmap", role: "img",
@@ -189,14 +192,18 @@
         "text-anchor": "middle", text: data.step_labels[t] }));
     }
     values.forEach(function (rowValues, p) {
-      var label = labels[p];
-      node.appendChild(svg("text", { x: labelW - 5, y: 20 + p * ch + 12, class: "label",
-        "text-anchor": "end", text: label.length > 16 ? label.slice(0, 15) + "\u2026" : label },
-        [tip(label)]));
+      var label = labels[p], name = numbered ? rowName + " " + p + " (" + label + ")" :
+        rowName + " " + label, y = 20 + p * ch + 12;
+      if (numbered) {
+        node.appendChild(svg("text", { x: numW - 6, y: y, class: "axis", "text-anchor": "end",
+          text: String(p) }));
+      }
+      node.appendChild(svg("text", { x: labelW - 5, y: y, class: "label", "text-anchor": "end",
+        text: label.length > 16 ? label.slice(0, 15) + "\u2026" : label }, [tip(name)]));
       rowValues.forEach(function (v, t) {
         node.appendChild(svg("rect", { x: labelW + t * cell, y: 20 + p * ch, width: cell - 1,
           height: ch - 1, fill: colour(v, bound), class: "cell" },
-          [tip(rowName + " " + label + ", " + stepName(t) + ": " + fmt(v))]));
+          [tip(name + ", " + stepName(t) + ": " + fmt(v))]));
       });
     });
     return el("figure", { class: "map" }, [el("figcaption", { text: title }), node]);
@@ -222,7 +229,7 @@
 
   function positionLabels(tokens, count) {
     var out = [];
-    for (var p = 0; p < count; p++) out.push(tokens ? tokens[p] : "pos " + p);
+    for (var p = 0; p < count; p++) out.push(tokens ? tokens[p] : "");
     return out;
   }
 
@@ -234,10 +241,11 @@
     var bound = maxAbs(row.pos_train.concat(row.pos_query, row.by_group), 1e-30);
     var maps = [
       heatmap("train positions \u00d7 query step", row.pos_train,
-        positionLabels(train.tokens, row.pos_train.length), bound, "train token"),
+        positionLabels(train.tokens, row.pos_train.length), bound, "train position", true),
       heatmap("query positions \u00d7 query step", row.pos_query,
-        positionLabels(query.tokens, row.pos_query.length), bound, "query token"),
-      heatmap("parameter groups \u00d7 query step", row.by_group, data.groups, bound, "group"),
+        positionLabels(query.tokens, row.pos_query.length), bound, "query position", true),
+      heatmap("parameter groups \u00d7 query step", row.by_group, data.groups, bound, "group",
+        false),
     ];
     var head = el("tr", {}, [el("th", { scope: "col", text: "step" }),
       el("th", { scope: "col", text: "SDI" })].concat(data.groups.map(function (g) {
@@ -250,8 +258,9 @@
     var numbers = el("table", { class: "numbers" }, [
       el("caption", { text: "SDI per step and its parameter-group shares" }),
       el("thead", {}, [head]), el("tbody", {}, body)]);
-    return el("div", { class: "pair-body" }, [el("div", { class: "maps" }, maps),
-      scaleLegend(bound), numbers]);
+    return el("div", { class: "pair-body" }, [
+      el("div", { class: "pair-graphics" }, [el("div", { class: "maps" }, maps),
+        scaleLegend(bound)]), numbers]);
   }
 
   // ---- one query -----------------------------------------------------------------------------
