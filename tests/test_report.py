@@ -10,12 +10,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import sketched, stacked, two_checkpoints
 from report_cases import GROUPS, NASTY, make_top, parse_page, texts, train_tokens
 
 from sdi import report
 from sdi.report import colors
-from sdi.report.data import report_data
+from sdi.report.data import _nums, report_data
 from sdi.report.html import render_html
+from sdi.toy import next_token_loss, random_token_batches
 
 LETTERS = "abcde"
 
@@ -58,15 +60,34 @@ def test_report_data_holds_each_query_its_rows_texts_and_explanations():
                 sdi = getattr(top, f"{side}_sdi")[j, r].tolist()
                 assert all(close(a, b) for a, b in zip(row["sdi"], sdi, strict=True))
                 e = getattr(top, f"{side}_explanations")[j][r]
-                assert np.allclose(row["pos_train"], e.positions_train.numpy(), rtol=1e-3)
-                assert np.allclose(row["pos_query"], e.positions_query.numpy(), rtol=1e-3)
-                assert np.allclose(row["by_group"], e.by_parameter.numpy(), rtol=1e-3)
+                # Integers times 10**exp, the largest |value| of the pair 4 digits long.
+                packed = [row["pos_train"], row["pos_query"], row["by_group"]]
+                assert 1000 <= max(abs(v) for a in packed for line in a for v in line) <= 10000
+                for ints, exact in zip(
+                    packed, (e.positions_train, e.positions_query, e.by_parameter), strict=True
+                ):
+                    bound = max(
+                        float(x.abs().max()) for x in (e.positions_train, e.positions_query)
+                    )
+                    decoded = np.asarray(ints, dtype=np.float64) * 10.0 ** row["exp"]
+                    assert np.allclose(decoded, exact.numpy(), rtol=0, atol=1e-3 * bound)
                 entry = data["train"][str(i)]
                 assert entry["text"] == f"train {i}: " + ("bits 1 0 1" if i != 1 else NASTY)
                 assert entry["tokens"] == [LETTERS[t] for t in tokens[i]]
     # Each referenced train example once, and only those.
     used = {int(i) for side in ("most", "least") for i in getattr(top, f"{side}_indices").flatten()}
     assert set(data["train"]) == {str(i) for i in used}
+
+
+def test_numbers_keep_four_significant_digits():
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(400, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(
+        -15, 15, (400,), generator=gen
+    )
+    values[:4] = torch.tensor([0.0, 1.0, -99995.0, 1234.5])
+    got = _nums(values)
+    assert got == [float(f"{v:.4g}") for v in values.tolist()]  # the same double as Python's
+    assert _nums(torch.tensor([1.0, float("nan"), -float("inf")])) == [1.0, None, None]
 
 
 def test_overview_is_the_mean_share_of_abs_sdi_per_step():
@@ -218,3 +239,42 @@ def test_colour_scale_reads_in_lightness_and_along_blue_yellow():
     # colour-vision deficiencies keep.
     assert all(v[2] < -5 for v in lab[: mid - 1]) and all(v[2] > 5 for v in lab[mid + 2 :])
     assert colors.diverging(-3.0) == stops[0] and colors.diverging(3.0) == stops[-1]
+
+
+def test_a_real_top_influences_with_explanations(tmp_path, train_batches):
+    """From the estimator to the page: tokens label every position of the explanations, the
+    heatmaps' rows add up to the pair's SDI, and TracIn ± SE come from the same run."""
+    a, _, specs = two_checkpoints(tmp_path, 0.4, 1.1)
+    query = random_token_batches(3, 2, 7, 19, seed=3)
+    est = sketched(a)
+    common = dict(
+        checkpoints=specs, train_loader=train_batches, query_loader=query, loss_fn=next_token_loss
+    )
+    se = est.influence_across_checkpoints(mode="tracin", with_standard_errors=True, **common)
+    top = est.top_influences(k=2, explain=True, **common)
+    est.close()
+    vocab = [f"w{t}" for t in range(19)]
+    path = report.write_html(
+        tmp_path / "r.html",
+        top,
+        train_tokens=stacked(train_batches),
+        query_tokens=stacked(query),
+        decode=vocab.__getitem__,
+        tracin_se=se.tracin_se,
+    )
+    data = json.loads(_script_blocks(path.read_text())["sdi-data"])
+    train = stacked(train_batches)
+    assert data["has_explanations"] and data["groups"] == list(top.most_explanations[0][0].groups)
+    for j, q in enumerate(data["queries"]):
+        assert q["text"] == " ".join(vocab[t] for t in stacked(query)[j].tolist())
+        for side in ("most", "least"):
+            for r, row in enumerate(q[side]):
+                i = int(getattr(top, f"{side}_indices")[j, r])
+                assert data["train"][str(i)]["tokens"] == [vocab[t] for t in train[i].tolist()]
+                assert len(row["pos_train"]) == 7 and len(row["pos_query"]) == 7
+                for key in ("pos_train", "pos_query", "by_group"):
+                    summed = np.sum(row[key], axis=0) * 10.0 ** row["exp"]
+                    assert np.allclose(
+                        summed, row["sdi"], rtol=5e-3, atol=1e-3 * max(map(abs, row["sdi"]))
+                    )
+                assert close(row["se"], float(se.tracin_se[i, j]))

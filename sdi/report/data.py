@@ -1,8 +1,8 @@
 """The report's data: a :class:`sdi.TopInfluences` and the examples' texts as one JSON-ready dict.
 
 The page (:mod:`sdi.report.html`) embeds this dict once and draws a page of queries at a time from
-it, so the file grows linearly with the queries. Numbers are kept to 4 significant digits (the
-precision shown) and a non-finite number is ``None``; each train example referenced is stored once.
+it, so the file grows linearly with the queries. Numbers are kept to 4 significant digits (3 are
+shown) and a non-finite number is ``None``; each train example referenced is stored once.
 
 Schema ``sdi-report/1``::
 
@@ -14,13 +14,16 @@ Schema ``sdi-report/1``::
      "overview": {"n_queries": int, "most_share": [S], "least_share": [S], "peak_counts": [S]}}
 
     row = {"train": int (-1: no finite score), "tracin": float | None, "se": float | None,
-           "sdi": [S], "pos_train": [[S] x T_train] | None, "pos_query": [[S] x T_query] | None,
-           "by_group": [[S] x groups] | None}
+           "sdi": [S], "exp": int | None, "pos_train": [[S] x T_train] | None,
+           "pos_query": [[S] x T_query] | None, "by_group": [[S] x groups] | None}
+
+The explanation of a pair (``pos_train``, ``pos_query``, ``by_group``) is stored as integers
+times ``10**exp``, the largest 4 digits long: it shares one colour scale, and integers take half
+the bytes of floats.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,23 +36,59 @@ SCHEMA = "sdi-report/1"
 SIDES = ("most", "least")
 
 
-def _num(x: float) -> float | None:
-    """``x`` to 4 significant digits, ``None`` when not finite (JSON has no NaN)."""
-    return float(f"{x:.4g}") if math.isfinite(x) else None
-
-
 def _numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64)
     return np.asarray(values, dtype=np.float64)
 
 
-def _nums(values: Any) -> list:
-    """A nested list of :func:`_num` of a tensor / array (any shape)."""
+def _with_none(values: list | float, finite: np.ndarray) -> list | float | None:
+    """``values`` (nested lists) with ``None`` wherever ``finite`` is False."""
+    if finite.ndim == 0:
+        return values if finite else None
+    return [_with_none(v, f) for v, f in zip(values, finite, strict=True)]
+
+
+def _round4(array: np.ndarray) -> np.ndarray:
+    """Each value to 4 significant digits, as the double nearest that decimal (so that it prints
+    short): ``round(x / 10**e) * 10**e`` or ``/ 10**-e``, one exact power of ten either way."""
+    safe = np.where(np.isfinite(array) & (array != 0), np.abs(array), 1.0)
+    shift = 3 - np.floor(np.log10(safe))  # digits after the point that keep 4 significant
+    up = np.rint(array * 10.0 ** np.maximum(shift, 0)) / 10.0 ** np.maximum(shift, 0)
+    down = np.rint(array / 10.0 ** np.maximum(-shift, 0)) * 10.0 ** np.maximum(-shift, 0)
+    return np.where(shift >= 0, up, down)
+
+
+def _num(x: float) -> float | None:
+    """``x`` to 4 significant digits, ``None`` when not finite (JSON has no NaN)."""
+    return _nums(np.float64(x))
+
+
+def _nums(values: Any) -> list | float | None:
+    """A tensor / array (any shape) as nested lists of 4-significant-digit floats, non-finite
+    values as ``None``."""
     array = _numpy(values)
-    if array.ndim == 0:
-        return _num(float(array))
-    return [_nums(v) for v in array] if array.ndim > 1 else [_num(float(v)) for v in array]
+    finite = np.isfinite(array)
+    rounded = _round4(np.where(finite, array, 0.0)).tolist()
+    return rounded if finite.all() else _with_none(rounded, finite)
+
+
+def _fixed(arrays: list[Any]) -> tuple[int, list]:
+    """Arrays that share one colour scale as integers times ``10**exp``: ``(exp, [ints, ...])``
+    with the largest ``|value|`` 4 digits long (values below ``1e-4`` of it read as 0); about half
+    the bytes of 4-significant-digit floats. Non-finite values are ``None``."""
+    arrays = [_numpy(a) for a in arrays]
+    finite = [np.isfinite(a) for a in arrays]
+    top = max(
+        (float(np.abs(a[f]).max()) for a, f in zip(arrays, finite, strict=True) if f.any()),
+        default=0.0,
+    )
+    exp = int(np.floor(np.log10(top))) - 3 if top > 0 else 0
+    out = []
+    for a, f in zip(arrays, finite, strict=True):
+        ints = np.rint(np.where(f, a, 0.0) / 10.0**exp).astype(np.int64).tolist()
+        out.append(ints if f.all() else _with_none(ints, f))
+    return exp, out
 
 
 class _Examples:
@@ -130,7 +169,6 @@ def _se_lookup(top: TopInfluences, tracin_se) -> Callable[[str, int, int, int], 
 
 def _explained(e: PairExplanation, labels: dict[str, list[str] | None], where: str) -> dict:
     """One pair's position and group shares, checking the token labels fit its positions."""
-    out = {}
     for side in ("train", "query"):
         shares = getattr(e, f"positions_{side}")
         names = labels[side]
@@ -139,9 +177,8 @@ def _explained(e: PairExplanation, labels: dict[str, list[str] | None], where: s
                 f"{where}: the {side} example has {len(names)} tokens but its explanation "
                 f"{shares.shape[0]} positions: pass the tokens the model saw"
             )
-        out[f"pos_{side}"] = _nums(shares)
-    out["by_group"] = _nums(e.by_parameter)
-    return out
+    exp, (train, query, groups) = _fixed([e.positions_train, e.positions_query, e.by_parameter])
+    return {"exp": exp, "pos_train": train, "pos_query": query, "by_group": groups}
 
 
 def _share_profile(sdi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,17 +235,17 @@ def report_data(
     trains: dict[str, dict] = {}
     queries = []
     indices = {side: getattr(top, f"{side}_indices").tolist() for side in SIDES}
-    tracins = {side: _numpy(getattr(top, f"{side}_tracin")) for side in SIDES}
-    sdis = {side: _numpy(getattr(top, f"{side}_sdi")) for side in SIDES}
+    tracins = {side: _nums(getattr(top, f"{side}_tracin")) for side in SIDES}  # all at once:
+    sdis = {side: _nums(getattr(top, f"{side}_sdi")) for side in SIDES}  # numpy, not per row
     for j in range(n):
         entry = {"index": j, **query.entry(j)}
         entry["n_excluded"] = None if top.n_excluded is None else int(top.n_excluded[j])
         for side in SIDES:
             rows = []
             for r, i in enumerate(indices[side][j]):
-                row = {"train": i, "tracin": _num(float(tracins[side][j, r])), "se": None}
-                row["sdi"] = _nums(sdis[side][j, r])
-                row.update(pos_train=None, pos_query=None, by_group=None)
+                row = {"train": i, "tracin": tracins[side][j][r], "se": None}
+                row["sdi"] = sdis[side][j][r]
+                row.update(exp=None, pos_train=None, pos_query=None, by_group=None)
                 if i >= 0:
                     trains.setdefault(str(i), train.entry(i))
                     if se_of is not None:

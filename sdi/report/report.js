@@ -233,11 +233,21 @@
     return out;
   }
 
-  function pairDetail(query, row, train) {
-    if (row.pos_train === null) {
+  // A pair's explanation is stored as integers times 10^exp (sdi/report/data.py).
+  function unpack(rows, exp) {
+    var f = Math.pow(10, Math.abs(exp));  // exact; dividing by it rounds once
+    return rows.map(function (r) {
+      return r.map(function (v) { return v === null ? null : exp < 0 ? v / f : v * f; });
+    });
+  }
+
+  function pairDetail(query, packed, train) {
+    if (packed.pos_train === null) {
       return el("p", { class: "note", text: "No explanation in these results: run " +
         "top_influences(..., explain=True) for the position and weight splits." });
     }
+    var row = { sdi: packed.sdi, pos_train: unpack(packed.pos_train, packed.exp),
+      pos_query: unpack(packed.pos_query, packed.exp), by_group: unpack(packed.by_group, packed.exp) };
     var bound = maxAbs(row.pos_train.concat(row.pos_query, row.by_group), 1e-30);
     var maps = [
       heatmap("train positions \u00d7 query step", row.pos_train,
@@ -269,7 +279,7 @@
     var sums = ["most", "least"].map(function (side) {
       var total = data.groups.map(function () { return 0; });
       query[side].forEach(function (row) {
-        (row.by_group || []).forEach(function (g, i) {
+        unpack(row.by_group || [], row.exp).forEach(function (g, i) {
           total[i] += g.reduce(function (a, v) { return a + (v || 0); }, 0);
         });
       });
@@ -380,4 +390,6 @@
   drawControls();
   drawPage();
   document.body.setAttribute("data-rendered", "1");
+  // Milliseconds from opening the file to the first page drawn (bench/report/size.py reads it).
+  document.body.setAttribute("data-drawn-ms", String(Math.round(performance.now())));
 })();

@@ -1,0 +1,122 @@
+"""The HTML report at size: file size and time to write it for 10, 100 and 1,000 queries (k=10,
+8 loop steps, 8 positions per sequence, with and without explanations), and the time headless
+Chromium takes to open it and draw the first page, in one run -> bench/results/report-size.md.
+
+    python bench/report/size.py [--queries 10 100 1000] [--out bench/results/report-size.md]
+
+The results are synthetic (random numbers shaped like top_influences(..., explain=True)); the size
+depends on the shapes, not on the values beyond their digit count (4 significant digits kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdi import PairExplanation, TopInfluences, report
+
+K, STEPS, LENGTH, N_TRAIN, GROUPS = 10, 8, 8, 5000, ("attention", "mlp")
+
+
+def synthetic_top(n_query: int, explain: bool, seed: int = 0) -> TopInfluences:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen) * 1e-3
+
+    fields = {}
+    for side in ("most", "least"):
+        idx = torch.randint(0, N_TRAIN, (n_query, K), generator=gen)
+        sdi = randn(n_query, K, STEPS)
+        fields.update({f"{side}_indices": idx, f"{side}_tracin": sdi.sum(-1), f"{side}_sdi": sdi})
+        fields[f"{side}_explanations"] = (
+            [
+                [
+                    PairExplanation(
+                        train=int(idx[j, r]),
+                        query=j,
+                        sdi=sdi[j, r],
+                        positions_train=randn(LENGTH, STEPS),
+                        positions_query=randn(LENGTH, STEPS),
+                        by_parameter=randn(len(GROUPS), STEPS),
+                        groups=GROUPS,
+                    )
+                    for r in range(K)
+                ]
+                for j in range(n_query)
+            ]
+            if explain
+            else None
+        )
+    return TopInfluences(**fields)
+
+
+def open_in_chromium(path: Path, profile: Path) -> float | None:
+    """Seconds for headless Chromium to load the page, run its script and dump the DOM."""
+    browser = shutil.which("chromium")
+    if browser is None:
+        return None
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
+    start = time.perf_counter()
+    run = subprocess.run([*command, "--dump-dom", path.as_uri()], capture_output=True, timeout=300)
+    seconds = time.perf_counter() - start
+    if b'data-rendered="1"' not in run.stdout:
+        raise RuntimeError(f"{path.name}: the page did not finish drawing")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--queries", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/report-size.md"))
+    args = parser.parse_args()
+    tokens = [[(i * 7 + p) % 2 for p in range(LENGTH)] for i in range(N_TRAIN)]
+    lines = [
+        "# The HTML report at size",
+        "",
+        f"`python bench/report/size.py` on {platform.processor() or platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d')}: k={K} most and {K} least per query, {STEPS} loop steps, "
+        f"{LENGTH} tokens per sequence, {N_TRAIN} train examples, synthetic scores. "
+        "Chromium: headless, load + script + first page of 10 queries + DOM dump (its ~3 s start "
+        "included; the 10-query row is that start).",
+        "",
+        "| queries | explanations | file size | bytes per query | write (s) | Chromium open (s) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for explain in (True, False):
+            for n in args.queries:
+                top = synthetic_top(n, explain)
+                path = Path(tmp) / f"report_{n}_{explain}.html"
+                start = time.perf_counter()
+                report.write_html(
+                    path,
+                    top,
+                    train_tokens=tokens,
+                    query_tokens=tokens[:n],
+                    join="",
+                    tracin_se=None,
+                )
+                write = time.perf_counter() - start
+                size = path.stat().st_size
+                opened = open_in_chromium(path, Path(tmp) / "profile")
+                shown = "n/a (no chromium)" if opened is None else f"{opened:.1f}"
+                row = (
+                    f"| {n} | {'yes' if explain else 'no'} | {size / 1e6:.2f} MB | "
+                    f"{size / n / 1e3:.1f} kB | {write:.2f} | {shown} |"
+                )
+                print(row, flush=True)
+                lines.append(row)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
