@@ -74,9 +74,11 @@ def page(tmp_path_factory):
     return browser, folder, path, top
 
 
-def _dump(page, fragment: str = ""):
-    browser, folder, path, _ = page
-    run = _run(browser, folder / "profile", path.as_uri() + fragment, "--dump-dom")
+def _dump(page, fragment: str = "", path: Path | None = None):
+    browser, folder, default, _ = page
+    # The virtual-time budget lets the tasks the page queued (row "toggle" events) run first.
+    url = (path or default).as_uri() + fragment
+    run = _run(browser, folder / "profile", url, "--virtual-time-budget=2000", "--dump-dom")
     return parse_page(run.stdout), run.stderr
 
 
@@ -138,6 +140,30 @@ def test_second_page_all_rows_open_and_filter(page):
     root, stderr = _dump(page, "#filter=%237")  # "#7": query 7 only
     _no_errors(root, stderr)
     assert [s.attrs["data-query"] for s in root.find_all("section", "query")] == ["7"]
+
+
+def test_without_explanations_and_with_unfilled_slots(page):
+    """Results without explanations or SE, a query with fewer than k finite scores: the rows
+    still render, the missing ones say so, and nothing throws."""
+    browser, folder, _, _ = page
+    top = make_top(n_query=2, k=K, steps=STEPS, explain=False)
+    for name, value in (("least_indices", -1), ("least_tracin", float("nan"))):
+        getattr(top, name)[1, K - 1] = value
+    top.least_sdi[1, K - 1] = float("nan")
+    top.n_excluded[1] = 1
+    path = report.write_html(
+        folder / "plain.html", top, train_texts=texts(40, "t"), query_texts=texts(2, "q")
+    )
+    root, stderr = _dump(page, "#open=all", path=path)
+    _no_errors(root, stderr)
+    first, second = root.find_all("section", "query")
+    assert len(second.find_all("tr", "row", data_side="least")) == K
+    assert len(second.find_all("path", "trajectory")) == 2 * K - 1  # none for the empty slot
+    assert "no finite score" in second.find_all("tr", "empty")[0].text()
+    assert "1 non-finite TracIn scores not ranked" in second.find_all("p", "meta")[0].text()
+    notes = first.find_all("p", "note")
+    assert len(notes) == 2 * K and "explain=True" in notes[0].text()
+    assert not root.find_all("rect", "cell") and not root.find_all("table", "groups")
 
 
 def test_a_script_error_is_caught(page):
