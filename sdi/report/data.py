@@ -24,6 +24,7 @@ the bytes of floats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +39,10 @@ SIDES = ("most", "least")
 
 def _numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu", torch.float64)
+        values = values.detach().cpu()
+        values = (
+            values.numpy() if values.dtype in (torch.float32, torch.float64) else values.double()
+        )
     return np.asarray(values, dtype=np.float64)
 
 
@@ -74,20 +78,22 @@ def _nums(values: Any) -> list | float | None:
 
 
 def _fixed(arrays: list[Any]) -> tuple[int, list]:
-    """Arrays that share one colour scale as integers times ``10**exp``: ``(exp, [ints, ...])``
-    with the largest ``|value|`` 4 digits long (values below ``1e-4`` of it read as 0); about half
-    the bytes of 4-significant-digit floats. Non-finite values are ``None``."""
-    arrays = [_numpy(a) for a in arrays]
-    finite = [np.isfinite(a) for a in arrays]
-    top = max(
-        (float(np.abs(a[f]).max()) for a, f in zip(arrays, finite, strict=True) if f.any()),
-        default=0.0,
-    )
-    exp = int(np.floor(np.log10(top))) - 3 if top > 0 else 0
-    out = []
-    for a, f in zip(arrays, finite, strict=True):
-        ints = np.rint(np.where(f, a, 0.0) / 10.0**exp).astype(np.int64).tolist()
-        out.append(ints if f.all() else _with_none(ints, f))
+    """2-D tensors that share one colour scale as integers times ``10**exp``: ``(exp, [ints,
+    ...])`` with the largest ``|value|`` 4 digits long (values below ``1e-4`` of it read as 0);
+    about half the bytes of 4-significant-digit floats. Non-finite values are ``None``.
+    One flat tensor and one ``tolist`` per call: this runs once per explained pair."""
+    flat = np.concatenate([_numpy(a).ravel() for a in arrays])
+    finite = np.isfinite(flat)
+    top = float(np.abs(flat[finite]).max()) if finite.any() else 0.0
+    exp = math.floor(math.log10(top)) - 3 if top > 0 else 0
+    ints = np.rint(np.where(finite, flat, 0.0) / 10.0**exp).astype(np.int64).tolist()
+    if not finite.all():
+        ints = [v if f else None for v, f in zip(ints, finite.tolist(), strict=True)]
+    out, start = [], 0
+    for a in arrays:
+        rows, cols = a.shape
+        out.append([ints[start + r * cols : start + (r + 1) * cols] for r in range(rows)])
+        start += rows * cols
     return exp, out
 
 
