@@ -135,6 +135,8 @@ def test_bad_inputs_name_the_culprit():
         report_data(top, train_tokens=train_tokens(40, 7), query_texts=texts(3, "q"))
     with pytest.raises(ValueError, match=r"tracin_se must be \(N_train, N_query\)"):
         report_data(top, train_texts=texts(40, "t"), query_texts=texts(3, "q"), tracin_se=[1.0])
+    with pytest.raises(IndexError, match="tracin_se has 2 train rows"):
+        build(top, tracin_se=torch.ones(2, 3))
     with pytest.raises(ValueError, match="2 step_labels for 3 steps"):
         build(top, step_labels=["a", "b"])
     with pytest.raises(ValueError, match="page_size"):

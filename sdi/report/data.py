@@ -156,21 +156,23 @@ def _check_top(top: TopInfluences) -> tuple[int, int, int]:
     return n, k, steps
 
 
-def _se_lookup(top: TopInfluences, tracin_se) -> Callable[[str, int, int, int], float] | None:
-    """``(side, query, rank, train row) -> SE``: from ``tracin_se (N_train, N_query)``, else from
-    ``*_tracin_se (N_query, k)`` fields of ``top`` when it has them; ``None`` when neither."""
-    if tracin_se is not None:
-        se = torch.as_tensor(tracin_se).detach().cpu()
-        if se.dim() != 2 or se.shape[1] != top.most_indices.shape[0]:
-            raise ValueError(
-                f"tracin_se must be (N_train, N_query) with N_query={top.most_indices.shape[0]} "
-                f"(InfluenceOutputs.tracin_se), got shape {tuple(se.shape)}"
-            )
-        return lambda side, j, r, i: float(se[i, j])
-    fields = {side: getattr(top, f"{side}_tracin_se", None) for side in SIDES}
-    if any(v is None for v in fields.values()):
+def _se_lookup(top: TopInfluences, tracin_se) -> Callable[[int, int], float] | None:
+    """``(train row, query) -> SE`` from ``tracin_se (N_train, N_query)``; ``None`` without."""
+    if tracin_se is None:
         return None
-    return lambda side, j, r, i: float(fields[side][j, r])
+    se = _numpy(tracin_se)
+    if se.ndim != 2 or se.shape[1] != top.most_indices.shape[0]:
+        raise ValueError(
+            f"tracin_se must be (N_train, N_query) with N_query={top.most_indices.shape[0]} "
+            f"(InfluenceOutputs.tracin_se), got shape {tuple(se.shape)}"
+        )
+
+    def lookup(i: int, j: int) -> float:
+        if i >= se.shape[0]:
+            raise IndexError(f"tracin_se has {se.shape[0]} train rows; the results name row {i}")
+        return float(se[i, j])
+
+    return lookup
 
 
 def _explained(e: PairExplanation, labels: dict[str, list[str] | None], where: str) -> dict:
@@ -253,9 +255,10 @@ def report_data(
                 row["sdi"] = sdis[side][j][r]
                 row.update(exp=None, pos_train=None, pos_query=None, by_group=None)
                 if i >= 0:
-                    trains.setdefault(str(i), train.entry(i))
+                    if str(i) not in trains:
+                        trains[str(i)] = train.entry(i)
                     if se_of is not None:
-                        row["se"] = _num(se_of(side, j, r, i))
+                        row["se"] = _num(se_of(i, j))
                     if explained:
                         e = getattr(top, f"{side}_explanations")[j][r]
                         where = f"query {j}, train {i}"
@@ -265,6 +268,8 @@ def report_data(
                             )
                         pair_labels = {"train": trains[str(i)]["tokens"], "query": entry["tokens"]}
                         row.update(_explained(e, pair_labels, where))
+                        if groups is not None and list(e.groups) != groups:
+                            raise ValueError(f"{where}: groups {e.groups} differ from {groups}")
                         groups = list(e.groups)
                 rows.append(row)
             entry[side] = rows
