@@ -100,6 +100,9 @@ def _check_query(section, j: int, top, explained_rows: int):
     assert len(section.find_all("path", "trajectory")) == 2 * K
     cells = (LENGTH + LENGTH + len(GROUPS)) * STEPS  # train x steps, query x steps, groups x steps
     assert len(section.find_all("rect", "cell")) == explained_rows * cells
+    steps = section.find_all("table", "steps")  # the numbers beside each opened pair's heatmaps
+    assert len(steps) == explained_rows
+    assert all(len(t.find_all("tbody")[0].find_all("tr")) == STEPS for t in steps)
 
 
 def _no_errors(root, stderr: str):
@@ -160,9 +163,12 @@ def test_without_explanations_and_with_unfilled_slots(page):
     assert len(second.find_all("tr", "row", data_side="least")) == K
     assert len(second.find_all("path", "trajectory")) == 2 * K - 1  # none for the empty slot
     assert "no finite score" in second.find_all("tr", "empty")[0].text()
-    assert "1 non-finite TracIn scores not ranked" in second.find_all("p", "meta")[0].text()
-    notes = first.find_all("p", "note")
-    assert len(notes) == 2 * K and "explain=True" in notes[0].text()
+    meta = second.find_all("p", "meta")[0].text()
+    assert "1 non-finite TracIn score not ranked" in meta and "explain=True" in meta
+    # Opened rows hold their SDI per step as numbers, and no heatmap.
+    tables = second.find_all("table", "steps")
+    assert len(tables) == 2 * K - 1 and len(tables[0].find_all("tbody")[0].find_all("tr")) == STEPS
+    assert len(first.find_all("table", "steps")) == 2 * K
     assert not root.find_all("rect", "cell") and not root.find_all("table", "groups")
 
 

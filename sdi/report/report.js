@@ -161,15 +161,16 @@
     cells.push(el("td", {}, [trajectory(row.sdi, bound, side)]));
     var nodes = [el("tr", { class: "row", "data-side": side, "data-train": row.train }, cells)];
     var details = el("details", { class: "pair" }, [
-      el("summary", { text: "where in the sequences and through which weights (train #" +
-        row.train + ", query " + query.index + ")" })]);
+      el("summary", { text: (data.has_explanations ?
+        "where in the sequences and through which weights" : "SDI per step, as numbers") +
+        " (train #" + row.train + ", query " + query.index + ")" })]);
     var draw = function () {  // lazily: a page of closed rows costs no heatmap
       if (details.dataset.drawn) return;
       details.dataset.drawn = "1";
       details.appendChild(pairDetail(query, row, train));
     };
     details.addEventListener("toggle", function () { if (details.open) draw(); });
-    if (rank === 0 && side === "most") {  // drawn at once: the page opens showing one
+    if (data.has_explanations && rank === 0 && side === "most") {  // the page opens showing one
       draw();
       details.open = true;
     }
@@ -241,12 +242,26 @@
     });
   }
 
+  // SDI per step, with each group's share when explained: the numbers beside the graphics.
+  function stepTable(sdi, byGroup) {
+    var groups = byGroup ? data.groups : [];
+    var head = el("tr", {}, ["step", "SDI"].concat(groups).map(function (c) {
+      return el("th", { scope: "col", text: c }); }));
+    var body = sdi.map(function (v, t) {
+      return el("tr", {}, [el("th", { scope: "row", text: data.step_labels[t] }),
+        el("td", { text: fmt(v) })].concat((byGroup || []).map(function (g) {
+          return el("td", { text: fmt(g[t]) }); })));
+    });
+    var caption = byGroup ? "SDI per step and its parameter-group shares" : "SDI per step";
+    return el("table", { class: "numbers steps" }, [el("caption", { text: caption }),
+      el("thead", {}, [head]), el("tbody", {}, body)]);
+  }
+
   function pairDetail(query, packed, train) {
     if (packed.pos_train === null) {
-      return el("p", { class: "note", text: "No explanation in these results: run " +
-        "top_influences(..., explain=True) for the position and weight splits." });
+      return el("div", { class: "pair-body" }, [stepTable(packed.sdi, null)]);
     }
-    var row = { sdi: packed.sdi, pos_train: unpack(packed.pos_train, packed.exp),
+    var row = { pos_train: unpack(packed.pos_train, packed.exp),
       pos_query: unpack(packed.pos_query, packed.exp), by_group: unpack(packed.by_group, packed.exp) };
     var bound = maxAbs(row.pos_train.concat(row.pos_query, row.by_group), 1e-30);
     var maps = [
@@ -257,20 +272,9 @@
       heatmap("parameter groups \u00d7 query step", row.by_group, data.groups, bound, "group",
         false),
     ];
-    var head = el("tr", {}, [el("th", { scope: "col", text: "step" }),
-      el("th", { scope: "col", text: "SDI" })].concat(data.groups.map(function (g) {
-        return el("th", { scope: "col", text: g }); })));
-    var body = row.sdi.map(function (v, t) {
-      return el("tr", {}, [el("th", { scope: "row", text: data.step_labels[t] }),
-        el("td", { text: fmt(v) })].concat(row.by_group.map(function (g) {
-          return el("td", { text: fmt(g[t]) }); })));
-    });
-    var numbers = el("table", { class: "numbers" }, [
-      el("caption", { text: "SDI per step and its parameter-group shares" }),
-      el("thead", {}, [head]), el("tbody", {}, body)]);
     return el("div", { class: "pair-body" }, [
       el("div", { class: "pair-graphics" }, [el("div", { class: "maps" }, maps),
-        scaleLegend(bound)]), numbers]);
+        scaleLegend(bound)]), stepTable(packed.sdi, row.by_group)]);
   }
 
   // ---- one query -----------------------------------------------------------------------------
@@ -315,7 +319,14 @@
     var bound = maxAbs(query.most.concat(query.least).map(function (r) { return r.sdi; }),
       1e-30);
     var meta = "trajectories share one vertical scale, \u00b1" + fmt(bound).slice(1);
-    if (query.n_excluded) meta += "; " + query.n_excluded + " non-finite TracIn scores not ranked";
+    if (query.n_excluded) {
+      meta += "; " + query.n_excluded + " non-finite TracIn score" +
+        (query.n_excluded > 1 ? "s" : "") + " not ranked";
+    }
+    if (!data.has_explanations) {
+      meta += "; no explanations in these results (top_influences(..., explain=True) adds " +
+        "where in the sequences and through which weights)";
+    }
     return el("section", { class: "query", id: "query-" + query.index,
       "data-query": query.index }, [
       el("h2", { text: "Query " + query.index }),
