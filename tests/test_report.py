@@ -205,12 +205,17 @@ def test_json_round_trip_and_report_from_a_results_file(tmp_path):
         report.write_html_from_json(tmp_path / "bad.json", tmp_path / "x.html")
 
 
-def test_write_html_writes_the_page(tmp_path):
+def test_write_html_writes_the_page(tmp_path, capsys):
     top = make_top(n_query=2, k=2, steps=3)
     path = report.write_html(
-        tmp_path / "r.html", top, train_texts=texts(40, "t"), query_texts=texts(2, "q")
+        tmp_path / "r.html",
+        top,
+        train_texts=texts(40, "t"),
+        query_texts=texts(2, "q"),
+        progress=True,
     )
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "report: 100%" in capsys.readouterr().err  # the progress bar over the queries
 
 
 def _lab(hex_colour: str) -> tuple[float, float, float]:

@@ -112,6 +112,7 @@ def main() -> None:
                     query_tokens=tokens[:n],
                     join="",
                     tracin_se=None,
+                    progress=n >= 1000,
                 )
                 write = time.perf_counter() - start
                 size = path.stat().st_size

@@ -48,6 +48,7 @@ def write_html(
     title: str = "Step-decomposed influence report",
     join: str = " ",
     page_size: int = 10,
+    progress: bool = False,
 ) -> Path:
     """Write the report of ``top`` to ``path`` as one self-contained HTML file; returns the path.
 
@@ -61,6 +62,7 @@ def write_html(
     - ``tracin_se``: ``InfluenceOutputs.tracin_se (N_train, N_query)``, shown as TracIn ± SE
     - ``step_labels``: one label per loop step (default ``0..steps-1``)
     - ``page_size``: queries per page when the file opens (the reader can change it)
+    - ``progress``: a progress bar over the queries (1,000 explained queries take seconds)
     """
     data = report_data(
         top,
@@ -73,6 +75,7 @@ def write_html(
         step_labels=step_labels,
         title=title,
         join=join,
+        progress=progress,
     )
     return write_report_html(path, data, page_size=page_size)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..outputs import PairExplanation, TopInfluences
 
@@ -223,6 +224,7 @@ def report_data(
     step_labels: Sequence[str] | None = None,
     title: str = "Step-decomposed influence report",
     join: str = " ",
+    progress: bool = False,
 ) -> dict:
     """The JSON-ready dict of the report (schema in the module docstring); arguments as in
     :func:`sdi.report.write_html`."""
@@ -245,7 +247,7 @@ def report_data(
     indices = {side: getattr(top, f"{side}_indices").tolist() for side in SIDES}
     tracins = {side: _nums(getattr(top, f"{side}_tracin")) for side in SIDES}  # all at once:
     sdis = {side: _nums(getattr(top, f"{side}_sdi")) for side in SIDES}  # numpy, not per row
-    for j in range(n):
+    for j in tqdm(range(n), desc="report", unit="query", disable=not progress):
         entry = {"index": j, **query.entry(j)}
         entry["n_excluded"] = None if top.n_excluded is None else int(top.n_excluded[j])
         for side in SIDES:
