@@ -1,6 +1,6 @@
 """Step-decomposed influence on bit-string parity: which training strings mattered, at which step.
 
-    python examples/parity_sdi.py [--out DIR] [--projection-size 4096]
+    python examples/parity_sdi.py [--out DIR] [--projection-size 4096] [--report FILE.html]
 
 1. trains a looped transformer (one block, looped 8 times) to output the running parity of 8-bit
    strings, on the CPU in well under two minutes, saving four checkpoints along the way (with the
@@ -11,7 +11,10 @@
    influence of the top ones is spread over the steps;
 4. explains the top (train, query) pair exactly (``explain``): which bit positions of each string
    and which weights (attention or MLP) carried its influence, at which step;
-5. saves the plots of :mod:`sdi.plot` (to a temporary folder unless ``--out`` is given).
+5. saves the plots of :mod:`sdi.plot` (to a temporary folder unless ``--out`` is given);
+6. with ``--report FILE.html``, writes the browsable report of :mod:`sdi.report`: per query its top
+   training strings with TracIn +- SE, their SDI over the loop steps and, explained, by bit position
+   and by weights (attention / MLP).
 
 A looped model can compute running parity one position per loop step (position ``t`` needs the
 parity at ``t - 1``), so the loop steps have distinct jobs and SDI can tell them apart.
@@ -31,6 +34,7 @@ from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI, plot
 from sdi.toy import LoopedTransformer
 
 BITS, LOOPS, TRAIN_STEPS = 8, 8, 1000
+GROUPS = {"attention": r"qkv|proj", "mlp": r"fc"}  # parameter groups of the explanations
 
 
 def parity_data(n: int, seed: int) -> dict:
@@ -92,7 +96,7 @@ def explain_top_pair(est, tracin, train_set, queries, common, out: Path) -> list
     i, j = divmod(int(tracin.argmax()), tracin.shape[1])
     (e,) = est.explain(
         pairs=[(i, j)],
-        by_parameter={"attention": r"qkv|proj", "mlp": r"fc"},
+        by_parameter=GROUPS,
         **{k: v for k, v in common.items() if k != "mode"},
     )
     labels = {
@@ -125,6 +129,27 @@ def explain_top_pair(est, tracin, train_set, queries, common, out: Path) -> list
     return [path]
 
 
+def write_report(est, common, train_set, queries, k: int, path: Path) -> None:
+    """The HTML report of the top-``k`` training strings per query, explained (:mod:`sdi.report`)."""
+    from sdi import report
+
+    args = {key: v for key, v in common.items() if key != "mode"}
+    se = est.influence_across_checkpoints(
+        mode="tracin", with_standard_errors=True, **args
+    ).tracin_se
+    top = est.top_influences(k=k, explain=GROUPS, **args)
+    report.write_html(
+        path,
+        top,
+        train_tokens=train_set["bits"],
+        query_tokens=queries["bits"],
+        join="",  # bit strings read as 10110010
+        tracin_se=se,
+        title=f"Running parity of {BITS}-bit strings: which training strings, at which loop step",
+    )
+    print(f"\nwrote the report to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +157,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for plots and checkpoints")
     parser.add_argument("--projection-size", type=int, default=4096)
     parser.add_argument("--top", type=int, default=3, help="training strings shown per query")
+    parser.add_argument("--report", type=Path, default=None, help="write the HTML report here")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -158,6 +184,8 @@ def main() -> None:
             model=model, target_modules=model.core, projection_size=args.projection_size
         )
         res = est.influence_across_checkpoints(with_step_matrix=True, **common)
+        if args.report is not None:
+            write_report(est, common, train_set, queries, args.top, args.report)
         est.close()
         exact_est = FullGradientTracInSDI(model=model, target_modules=model.core)
         exact = exact_est.influence_across_checkpoints(**common)
