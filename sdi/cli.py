@@ -1,11 +1,13 @@
 """The ``sdi`` command line (also ``python -m sdi``): from a trained model to attributions.
 
     sdi attribute --model MODEL [--checkpoints ...] --train FILE --query FILE --out top.json
+    sdi report top.json [-o top.html]
     sdi info --model MODEL [--data FILE]
 
 ``attribute`` ranks, for every query example, the ``k`` train examples with the most and the least
 TracIn influence and gives each pair's SDI per loop step (``top_influences`` of
-:class:`sdi.ProjectedTracInSDI`), written as JSON (:mod:`sdi.cli_results`). ``info`` prints the
+:class:`sdi.ProjectedTracInSDI`), written as JSON (:mod:`sdi.cli_results`) and as the HTML report
+beside it (:mod:`sdi.cli_report`), which ``report`` rebuilds from the JSON. ``info`` prints the
 kernel backend, a model summary and the step plan of the looped core. Inputs are resolved by
 :mod:`sdi.cli_inputs` (model folder or factory, checkpoints, target modules) and :mod:`sdi.data`.
 
@@ -45,10 +47,26 @@ from .cli_inputs import (
     resolve_checkpoints,
     resolve_targets,
 )
-from .cli_results import FORMAT, explanations_json, step_plan_json, top_json, write_json_atomic
+from .cli_report import (
+    add_report_command,
+    add_report_options,
+    attribute_report_data,
+    decoding_tokenizer,
+    report_command,
+    report_path,
+)
+from .cli_results import (
+    FORMAT,
+    explanations_json,
+    json_text,
+    step_plan_json,
+    top_json,
+    write_files_atomic,
+)
 from .estimators import FullGradientTracInSDI, ProjectedTracInSDI
 from .fingerprints import file_sha256, loss_fn_fingerprint, model_fingerprint
 from .lm_loss import causal_lm_loss
+from .report import render_html
 
 DEFAULT_LOSS = "sdi.lm_loss:causal_lm_loss"
 INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, PickledCheckpointError)
@@ -110,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     attribute = commands.add_parser(
         "attribute",
-        help="top-k train examples per query, with SDI per loop step, as JSON",
+        help="top-k train examples per query, with SDI per loop step, as JSON and an HTML report",
         description="Rank the train examples by TracIn influence on each query (k most and "
-        "least) and give each pair's SDI per loop step; writes JSON.",
+        "least) and give each pair's SDI per loop step; writes JSON and, beside it, the HTML "
+        "report.",
     )
     _model_args(attribute)
     attribute.add_argument(
@@ -157,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bars (default: when stderr is a terminal)",
     )
     attribute.add_argument("--out", required=True, help="the JSON file to write")
-    # The HTML report (its own issue) adds its option here; _attribute marks where it is written.
+    add_report_options(attribute)
+    add_report_command(commands)
 
     info = commands.add_parser(
         "info",
@@ -249,7 +269,9 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    report_at = report_path(args, out)
     inputs = _Inputs(args)
+    decoder = decoding_tokenizer(inputs, args)  # the report's texts of token ids
     checkpoints = resolve_checkpoints(args.checkpoints, inputs.model_folder)
     if not args.checkpoints:
         print(f"sdi: no --checkpoints: using the weights in {args.model}", file=sys.stderr)
@@ -316,12 +338,27 @@ def _attribute(args: argparse.Namespace, argv: list[str]) -> int:
     explanations = explanations_json(top)
     if explanations is not None:
         results["explanations"] = explanations
-    write_json_atomic(out, results)
-    # The HTML report (its own issue) goes here: written from `results`, after the JSON.
+    # The report's data is kept in the JSON even without the page, so `sdi report` can make it.
+    results["report"] = attribute_report_data(
+        top,
+        train=train,
+        query=query,
+        tokenizer=decoder,
+        tracin_se=se,
+        step_labels=plan.labels if plan is not None else None,
+        title=f"sdi attribute: {Path(args.query).name} against {Path(args.train).name}, "
+        f"{inputs.description['class']}",
+        progress=run["progress"],
+    )
+    files = {out: json_text(results)}  # all built before anything is written
+    if report_at is not None:
+        files[report_at] = render_html(results["report"])
+    write_files_atomic(files)
     _print_summary(top)
     print(
         f"sdi: top {top.most_indices.shape[1]} of {train_info['examples']} train examples for "
-        f"{query_info['examples']} queries -> {out}",
+        f"{query_info['examples']} queries -> {out}"
+        + (f", report -> {report_at}" if report_at is not None else ""),
         file=sys.stderr,
     )
     return 0
@@ -468,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "attribute":
             return _attribute(args, argv)
+        if args.command == "report":
+            return report_command(args)
         return _info(args)
     except INPUT_ERRORS as err:
         if args.debug:

@@ -255,7 +255,8 @@ def load_batches(
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    batches = Batches(examples, batch_size, pad if pad is not None else 0, device)
+    texts = [record[text_field] for record in records] if text_field is not None else None
+    batches = Batches(examples, batch_size, pad if pad is not None else 0, device, texts=texts)
     return batches, {
         "path": str(path),
         "examples": len(examples),

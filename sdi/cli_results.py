@@ -12,7 +12,9 @@ Layout (``"format": "sdi-attribute/1"``; lists are nested JSON arrays, NaN is ``
   ``--standard-errors`` also ``most_tracin_se`` / ``least_tracin_se`` ``(N_query, k)``;
 - ``explanations`` (with ``--explain``): ``{"most": [[pair, ...] per query], "least": ...}``, each
   pair ``{train, query, sdi (steps,), positions_train (T_i, steps), positions_query (T_j, steps),
-  by_parameter (groups, steps), groups}``.
+  by_parameter (groups, steps), groups}``;
+- ``report``: the data of the HTML report (:mod:`sdi.report.data`, schema ``sdi-report/1``: texts,
+  top pairs, SE, explanations with token labels), from which ``sdi report`` rebuilds the page.
 """
 
 from __future__ import annotations
@@ -90,15 +92,29 @@ def explanations_json(top: TopInfluences) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: str | Path, content: dict[str, Any]) -> None:
-    """Write ``content`` to ``path`` at once: a temporary file in the same folder, then
-    ``os.replace`` (a crash leaves the old file or none, never half a file)."""
-    path = Path(path)
-    text = json.dumps(plain(content), indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``content`` to ``path`` at once (:func:`write_files_atomic`)."""
+    write_files_atomic({Path(path): json_text(content)})
+
+
+def json_text(content: dict[str, Any]) -> str:
+    """``content`` as the strict JSON text of a results file (NaN as ``null``)."""
+    return json.dumps(plain(content), indent=1, allow_nan=False) + "\n"
+
+
+def write_files_atomic(files: dict[Path, str]) -> None:
+    """Write each text to its path at once: all to temporary files in their folders first, then
+    each renamed over its path (``os.replace``). A failure while writing leaves the old files or
+    none, never half a file, and no temporary file."""
+    written: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
+        for path, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            written.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        for tmp, path in written:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
         raise

@@ -189,15 +189,27 @@ def token_ids(
 class Batches:
     """Re-iterable padded batches of ``examples`` in order: ``{"input_ids": (B, T) int64,
     "attention_mask": (B, T) int64}`` on ``device``, right-padded with ``pad_id`` to the batch's
-    longest example (mask 0 at padding)."""
+    longest example (mask 0 at padding). ``texts``: the examples' texts, when they came from a
+    text field (the HTML report shows them)."""
 
     def __init__(
-        self, examples: list[list[int]], batch_size: int, pad_id: int, device: str | torch.device
+        self,
+        examples: list[list[int]],
+        batch_size: int,
+        pad_id: int,
+        device: str | torch.device,
+        texts: list[str] | None = None,
     ):
         self.examples = examples
         self.batch_size = batch_size
         self.pad_id = int(pad_id)
         self.device = torch.device(device)
+        self.texts = texts
+
+    def padded_length(self, row: int) -> int:
+        """The length ``T`` of the batch that holds example ``row`` (its longest example)."""
+        start = row - row % self.batch_size
+        return max(len(ids) for ids in self.examples[start : start + self.batch_size])
 
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)
