@@ -5,6 +5,8 @@ with ``save_pretrained``, a tokenizer built locally, two Trainer-style checkpoin
 data): ``sdi attribute`` in-process and as ``python -m sdi`` gives the JSON of the Python API's
 ``top_influences``; a factory model (the multi-layer loop of tests/looped_lm.py) with
 ``target_modules`` found automatically; bad inputs exit 2 with the fix named and nothing written.
+The HTML report beside the JSON (sdi/cli_report.py): its embedded data against the data files and
+the JSON, ``sdi report`` rebuilding the same page, ``--report`` / ``--no-report``, bad JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from conftest import tiny_model
 
 from sdi import CheckpointSpec, ProjectedTracInSDI
 from sdi.cli import main
+from sdi.cli_report import PAD_LABEL, example_texts, example_tokens
 from sdi.data import Batches, DataError, read_records, token_ids
 from sdi.lm_loss import causal_lm_loss
 
@@ -117,11 +120,24 @@ def _assert_top_equal(got: dict, top, rtol=0.0):
             )
 
 
+def _page_data(path: Path) -> dict:
+    """The report data embedded in a report page (as tests/test_report.py reads it)."""
+    found = re.search(
+        r'<script id="sdi-data" type="application/json">(.*?)</script>', path.read_text()
+    )
+    return json.loads(found.group(1))
+
+
+def _texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
 def test_attribute_json_equals_the_python_api(tiny, tmp_path, capsys):
     out = tmp_path / "top.json"
     assert main(_attribute(tiny, out)) == 0
     result = json.loads(out.read_text())
-    _assert_top_equal(result["top"], _python_api_top(tiny))
+    top = _python_api_top(tiny)
+    _assert_top_equal(result["top"], top)
     # Every setting needed to reproduce it.
     assert result["settings"]["projection_size"] == 2048 and result["settings"]["seed"] == 0
     assert [c["path"] for c in result["checkpoints"]] == [
@@ -135,7 +151,23 @@ def test_attribute_json_equals_the_python_api(tiny, tmp_path, capsys):
     assert result["train"]["examples"] == 24 and result["query"]["examples"] == 4
     assert result["selected_modules"] == ["model.L_module"]
     assert "top 3 of 24 train examples for 4 queries" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == ["top.json"]  # no temporary file left
+    # The report beside it (no temporary file left), holding what the JSON holds.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["top.html", "top.json"]
+    page = _page_data(tmp_path / "top.html")
+    assert page == result["report"]
+    assert not page["has_se"] and not page["has_explanations"]
+    assert page["step_labels"] == result["step_plan"]["labels"]
+    train_texts, query_texts = _texts(tiny["train"]), _texts(tiny["query"])
+    assert [q["text"] for q in page["queries"]] == query_texts
+    for j, q in enumerate(page["queries"]):
+        for side in ("most", "least"):
+            rows = q[side]
+            assert len(rows) == 3
+            assert [r["train"] for r in rows] == getattr(top, f"{side}_indices")[j].tolist()
+            for r, row in enumerate(rows):
+                want = float(getattr(top, f"{side}_tracin")[j, r])
+                assert row["tracin"] == pytest.approx(want, rel=1e-3)  # 4 digits kept
+                assert page["train"][str(row["train"])]["text"] == train_texts[row["train"]]
 
 
 def test_python_m_sdi_gives_the_same_json_with_explanations_and_errors(tiny, tmp_path):
@@ -163,6 +195,29 @@ def test_python_m_sdi_gives_the_same_json_with_explanations_and_errors(tiny, tmp
     torch.testing.assert_close(sdi, torch.tensor(a["top"]["most_sdi"][0][0]), rtol=1e-4, atol=1e-9)
     for split in ("positions_train", "positions_query", "by_parameter"):
         torch.testing.assert_close(torch.tensor(pair[split]).sum(0), sdi, rtol=1e-4, atol=1e-9)
+    # The report: SE and explained heatmaps, one token label per (padded) position.
+    page = _page_data(tmp_path / "in_process.html")
+    assert page == a["report"] and page["has_se"] and page["has_explanations"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["model"], local_files_only=True)
+    for j, q in enumerate(page["queries"]):
+        row = q["most"][0]
+        assert row["se"] == pytest.approx(a["top"]["most_tracin_se"][j][0], rel=1e-3)
+        train = page["train"][str(row["train"])]
+        for labels, heat, text in (
+            (q["tokens"], row["pos_query"], q["text"]),
+            (train["tokens"], row["pos_train"], train["text"]),
+        ):
+            assert len(labels) == len(heat)  # T of the padded batch
+            words = [t for t in labels if t != PAD_LABEL]
+            assert words == [tokenizer.decode([i]) for i in tokenizer(text)["input_ids"]]
+            assert labels == words + [PAD_LABEL] * (len(labels) - len(words))
+    # `sdi report` rebuilds the same page from the JSON alone.
+    moved = tmp_path / "elsewhere.json"
+    moved.write_text(first.read_text())
+    assert main(["report", str(moved)]) == 0
+    assert (tmp_path / "elsewhere.html").read_bytes() == (tmp_path / "in_process.html").read_bytes()
+    assert main(["report", str(first), "-o", str(tmp_path / "again.html"), "--page-size", "3"]) == 0
+    assert _page_data(tmp_path / "again.html") == page
 
 
 def test_auto_on_the_hrm_folder_is_ambiguous_exit_2_and_nothing_written(tiny, tmp_path, capsys):
@@ -255,17 +310,27 @@ def test_train_store_is_written_then_read_with_the_same_result(tmp_path):
     args += ["--train", str(tmp_path / "train.jsonl"), "--query", str(tmp_path / "query.jsonl")]
     args += ["--ids-field", "ids", "-k", "2", "--projection-size", "128", "--no-progress"]
     args += ["--train-store", str(store)]
-    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    custom = tmp_path / "pages" / "custom.html"
+    custom.parent.mkdir()
+    assert main([*args, "--out", str(tmp_path / "a.json"), "--report", str(custom)]) == 0
+    assert custom.is_file() and not (tmp_path / "a.html").exists()
 
     def files():
         return {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
     written = files()
     assert written  # the train features are on disk
-    assert main([*args, "--out", str(tmp_path / "b.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.json"), "--no-report"]) == 0
+    assert not (tmp_path / "b.html").exists()  # no page, but its data in the JSON
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["top"] == b["top"] and a["settings"]["train_store"] == str(store)
     assert files() == written  # read, not written again
+    # Token ids and no tokenizer: the report shows the ids as text.
+    ids = [json.loads(line)["ids"] for line in (tmp_path / "query.jsonl").open()]
+    assert [q["text"] for q in b["report"]["queries"]] == [" ".join(map(str, r)) for r in ids]
+    assert _page_data(custom) == a["report"] == b["report"]
+    assert main(["report", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b.html").read_bytes() == custom.read_bytes()
 
 
 BAD = [
@@ -276,6 +341,7 @@ BAD = [
     (["--target-modules", "model.M_module"], "has no submodule 'model.M_module'"),
     (["--train", "train.txt"], "unknown data format '.txt'"),
     (["--k", "0"], "--k must be positive"),
+    (["--report", "no/such/folder/r.html"], "the folder no/such/folder does not exist"),
 ]
 
 
@@ -416,7 +482,7 @@ def test_info_finds_albert_s_shared_group_in_a_model_folder(tmp_path, capsys):
     assert "StepPlan: 3 steps" in text
 
 
-@pytest.mark.parametrize("command", [[], ["attribute"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["attribute"], ["info"], ["report"]])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([*command, "--help"])
@@ -426,6 +492,64 @@ def test_help_on_every_command(command, capsys):
     if command == ["attribute"]:
         for option in ("--projection-size", "--train-store", "--explain", "--standard-errors"):
             assert option in text
+        assert "--no-report" in text and "--report PATH" in text
+    if command == ["report"]:
+        assert "results" in text and "-o OUT, --out OUT" in text
+
+
+def _report_json(tmp_path, case):
+    path = tmp_path / "results.json"
+    if case == "not JSON":
+        path.write_text('{"top": [1, 2')
+    elif case == "no report":
+        path.write_text(json.dumps({"format": "sdi-attribute/1", "top": {}}))
+    elif case == "broken report":
+        path.write_text(json.dumps({"report": {"schema": "sdi-report/1", "queries": []}}))
+    return path
+
+
+REPORT_BAD = [
+    ("missing", "no such results file"),
+    ("not JSON", "cannot read results JSON"),
+    ("no report", "holds no report"),
+    ("broken report", "its report data has no 'title'"),
+]
+
+
+@pytest.mark.parametrize("case,message", REPORT_BAD, ids=[c for c, _ in REPORT_BAD])
+def test_report_of_a_bad_json_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
+    path = _report_json(tmp_path, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no page, no temporary file
+
+
+def test_report_output_in_a_missing_folder_exits_2(tmp_path, capsys):
+    path = _report_json(tmp_path, "no report")
+    assert main(["report", str(path), "-o", str(tmp_path / "no" / "r.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_texts_and_token_labels_of_token_ids(tiny):
+    """Pre-tokenised ids: decoded by the tokenizer when there is one, else shown as ids; token
+    labels padded to the batch's length, as the explanations' positions are."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["model"], local_files_only=True)
+    texts = _texts(tiny["query"])
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    batches = Batches(rows, 3, tokenizer.pad_token_id, "cpu")  # 4 rows: batches of 3 and 1
+    assert list(example_texts(batches, tokenizer)) == texts
+    assert list(example_texts(batches, None)) == [" ".join(map(str, r)) for r in rows]
+    labels = list(example_tokens(batches, tokenizer))
+    longest = max(len(r) for r in rows[:3])
+    for row, ids in enumerate(rows):
+        length = longest if row < 3 else len(ids)
+        assert labels[row] == [tokenizer.decode([i]) for i in ids] + [PAD_LABEL] * (
+            length - len(ids)
+        )
+    with_texts = Batches(rows, 3, 0, "cpu", texts=["a", "b", "c", "d"])
+    assert list(example_texts(with_texts, tokenizer)) == ["a", "b", "c", "d"]
 
 
 def test_console_script_entry_point():
