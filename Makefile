@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) examples/toy_looped_transformer_sdi.py --device cpu
 
 # The README's command-line quickstart: a tiny looped causal LM, two Trainer checkpoints and JSONL
-# data made locally, then `sdi attribute` on them (~20 s of CPU).
+# data made locally, then `sdi attribute` on them (~20 s of CPU): top.json and the report top.html.
 DEMO_DIR ?= $(or $(TMPDIR),/tmp)/sdi-cli-demo
 demo-cli: $(STAMP)
 	$(PY) examples/make_tiny_hf_model.py --out $(DEMO_DIR)

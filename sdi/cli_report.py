@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from .cli_inputs import UsageError, load_tokenizer
+from .cli_results import temporary_beside
 from .data import Batches
 from .report import report_data, write_html_from_json
 from .report.data import SCHEMA
@@ -90,6 +90,12 @@ def decoding_tokenizer(inputs: Any, args: argparse.Namespace) -> Any:
         return None
 
 
+def _short(step_labels: Sequence[str]) -> list[str]:
+    """The step plan's labels as short column heads: ``pass t`` as ``t``; ``prelude`` and
+    ``readout`` (``--allow-mixed-steps``) as they are."""
+    return [label.removeprefix("pass ") for label in step_labels]
+
+
 def attribute_report_data(
     top: Any,
     *,
@@ -112,7 +118,7 @@ def attribute_report_data(
         train_tokens=example_tokens(train, tokenizer) if explained else None,
         query_tokens=example_tokens(query, tokenizer) if explained else None,
         tracin_se=tracin_se,
-        step_labels=step_labels if step_labels and len(step_labels) == steps else None,
+        step_labels=_short(step_labels) if step_labels and len(step_labels) == steps else None,
         title=title,
         progress=progress,
     )
@@ -182,8 +188,7 @@ def report_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     if out.resolve() == results.resolve():
         raise UsageError(f"--out {out} is the results file: give the report another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = temporary_beside(out)
     try:
         write_html_from_json(results, tmp, page_size=args.page_size)
         os.replace(tmp, out)

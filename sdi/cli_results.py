@@ -108,9 +108,9 @@ def write_files_atomic(files: dict[Path, str]) -> None:
     written: list[tuple[str, Path]] = []
     try:
         for path, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = temporary_beside(path)
             written.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
         for tmp, path in written:
             os.replace(tmp, path)
@@ -118,3 +118,14 @@ def write_files_atomic(files: dict[Path, str]) -> None:
         for tmp, _ in written:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: Path) -> str:
+    """A new empty temporary file in ``path``'s folder, with the permissions a plain new file
+    gets (``mkstemp`` makes it private, which a report to share must not stay)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)  # read it by setting it; put back at once
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp

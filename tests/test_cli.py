@@ -153,10 +153,17 @@ def test_attribute_json_equals_the_python_api(tiny, tmp_path, capsys):
     assert "top 3 of 24 train examples for 4 queries" in capsys.readouterr().err
     # The report beside it (no temporary file left), holding what the JSON holds.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["top.html", "top.json"]
+    plain = tmp_path / "plain"
+    plain.write_text("")  # both get the permissions of any new file (not mkstemp's private ones)
+    assert {(tmp_path / n).stat().st_mode for n in ("top.html", "top.json")} == {
+        plain.stat().st_mode
+    }
+    plain.unlink()
     page = _page_data(tmp_path / "top.html")
     assert page == result["report"]
     assert not page["has_se"] and not page["has_explanations"]
-    assert page["step_labels"] == result["step_plan"]["labels"]
+    assert result["step_plan"]["labels"] == ["pass 0", "pass 1", "pass 2", "pass 3"]
+    assert page["step_labels"] == ["0", "1", "2", "3"]  # short column heads
     train_texts, query_texts = _texts(tiny["train"]), _texts(tiny["query"])
     assert [q["text"] for q in page["queries"]] == query_texts
     for j, q in enumerate(page["queries"]):
