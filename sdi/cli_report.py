@@ -96,6 +96,27 @@ def _short(step_labels: Sequence[str]) -> list[str]:
     return [label.removeprefix("pass ") for label in step_labels]
 
 
+def _positions_fit(top: Any, train: Batches, query: Batches) -> bool:
+    """Whether every explanation has one position per token of its padded batch row. A model
+    whose core sees other positions (added or dropped ones) gets position numbers as labels and a
+    warning, rather than losing the results to an error at the end of the run."""
+    for side in ("most", "least"):
+        for e in (e for row in getattr(top, f"{side}_explanations") for e in row):
+            if e.train < 0:
+                continue
+            seen = (e.positions_train.shape[0], e.positions_query.shape[0])
+            tokens = (train.padded_length(e.train), query.padded_length(e.query))
+            if seen != tokens:
+                print(
+                    f"sdi: the report numbers the positions: the looped core sees {seen[0]} and "
+                    f"{seen[1]} positions of train example {e.train} and query {e.query}, whose "
+                    f"padded batches hold {tokens[0]} and {tokens[1]} tokens",
+                    file=sys.stderr,
+                )
+                return False
+    return True
+
+
 def attribute_report_data(
     top: Any,
     *,
@@ -109,14 +130,14 @@ def attribute_report_data(
 ) -> dict[str, Any]:
     """The report data of one ``sdi attribute`` run (schema ``sdi-report/1``); the token labels
     only with explanations (they label the position heatmaps, and cost bytes otherwise)."""
-    explained = top.most_explanations is not None
+    labelled = top.most_explanations is not None and _positions_fit(top, train, query)
     steps = top.most_sdi.shape[-1]
     return report_data(
         top,
         train_texts=example_texts(train, tokenizer),
         query_texts=example_texts(query, tokenizer),
-        train_tokens=example_tokens(train, tokenizer) if explained else None,
-        query_tokens=example_tokens(query, tokenizer) if explained else None,
+        train_tokens=example_tokens(train, tokenizer) if labelled else None,
+        query_tokens=example_tokens(query, tokenizer) if labelled else None,
         tracin_se=tracin_se,
         step_labels=_short(step_labels) if step_labels and len(step_labels) == steps else None,
         title=title,

@@ -25,10 +25,11 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_model
+from report_cases import make_top
 
 from sdi import CheckpointSpec, ProjectedTracInSDI
 from sdi.cli import main
-from sdi.cli_report import PAD_LABEL, example_texts, example_tokens
+from sdi.cli_report import PAD_LABEL, attribute_report_data, example_texts, example_tokens
 from sdi.data import Batches, DataError, read_records, token_ids
 from sdi.lm_loss import causal_lm_loss
 
@@ -562,3 +563,23 @@ def test_report_texts_and_token_labels_of_token_ids(tiny):
 def test_console_script_entry_point():
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^sdi = "sdi\.cli:console_main"$', text, re.M)
+
+
+def test_report_numbers_positions_the_tokens_do_not_fit(capsys):
+    """Explanations with another position count than the padded batches (a core that adds or
+    drops positions): the report numbers the positions and says why, the results are kept."""
+    top = make_top(n_query=2, k=2, steps=3, n_train=5, length=4)
+    common = dict(tokenizer=None, tracin_se=None, step_labels=None, title="t", progress=False)
+    for length, labelled in ((4, True), (5, False)):
+        rows = [[1] * length, [2] * (length - 1), [3] * length, [4] * 2, [5] * length]
+        batches = Batches(rows, 2, 0, "cpu")  # every batch padded to `length`
+        data = attribute_report_data(
+            top, train=batches, query=Batches(rows[:2], 2, 0, "cpu"), **common
+        )
+        tokens = [q["tokens"] for q in data["queries"]] + [
+            t["tokens"] for t in data["train"].values()
+        ]
+        assert all((t is not None) == labelled for t in tokens), length
+        err = capsys.readouterr().err
+        assert ("the report numbers the positions" in err) != labelled
+        assert data["has_explanations"]
