@@ -87,8 +87,8 @@ def test_data_files_roll_over_at_their_size_limit(tmp_path):
 def test_bytes_past_the_last_cataloged_block_are_ignored_then_cut_off(tmp_path):
     filled(tmp_path / "s", complete=False).close()
     path = tmp_path / "s" / "data_000000.bin"
-    with open(path, "ab") as f:
-        f.write(os.urandom(333))  # what a writer killed between its bytes and its commit leaves
+    with open(path, "ab") as f:  # what writers killed between their bytes and commit leave
+        f.write(os.urandom(3 * BLOCK))
     store = FeatureStore(tmp_path / "s", IDENTITY)
     assert store.stored == 3 and all(torch.equal(store.read(i), features(i)) for i in range(3))
     store.append(features(3), steps=3)
