@@ -99,6 +99,7 @@ class Catalogue:
 
     def __init__(self, root: Path, identity: dict[str, Any]):
         self.root, self.path = root, root / CATALOGUE
+        self._names: set[str] = set()  # data file names already checked
         if self.path.exists() and self.path.stat().st_size == 0:
             raise self.corrupt("is empty (0 bytes)")
         if not self.path.exists() and any(root.glob("data_*.bin")):
@@ -166,7 +167,7 @@ class Catalogue:
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise bad(f"{name!r} is {value!r}")
         _, file, offset, nbytes, rows, steps, shape, dtype, checksum, fingerprint = row
-        if not _FILE_NAME.fullmatch(file):
+        if file not in self._names and not _FILE_NAME.fullmatch(file):
             raise bad(f"file {file!r} is not a data file name (data_NNNNNN.bin)")
         try:
             dims = tuple(json.loads(shape))
@@ -174,6 +175,7 @@ class Catalogue:
             raise bad(f"shape {shape!r} is not a JSON list of sizes") from None
         if not dims or not all(type(n) is int and n >= 0 for n in dims):
             raise bad(f"shape {shape!r} is not a list of sizes")
+        self._names.add(file)
         return BatchEntry(
             index, file, offset, nbytes, rows, steps, dims, dtype, checksum, fingerprint
         )

@@ -28,7 +28,7 @@ class DataFiles:
     def __init__(self, root: Path):
         self.root = root
         self._writing: dict[str, int] = {}  # name -> descriptor open for writing
-        self._maps: dict[str, tuple[int, int, mmap.mmap]] = {}  # name -> (device, inode, map)
+        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (descriptor, map) for reads
 
     def write(self, name: str, end: int, data: memoryview) -> None:
         """Write ``data`` at byte ``end`` of ``name`` (created if missing), cutting off whatever a
@@ -65,46 +65,54 @@ class DataFiles:
                 os.fdatasync(fd)
             os.close(fd)
 
-    def read(self, name: str, offset: int, nbytes: int, batch: int) -> np.ndarray:
+    def read(
+        self, name: str, offset: int, nbytes: int, batch: int, fresh: bool = False
+    ) -> np.ndarray:
         """A copy of bytes ``offset .. offset + nbytes`` of ``name`` (``uint8``); raises
-        :class:`CorruptShardError` if the file is missing, empty or ends before the block."""
+        :class:`CorruptShardError` if the file is missing, empty or ends before the block.
 
+        The file's map is kept; ``fresh`` opens it anew by name (after a failed check: another
+        writer may have replaced it). The file's size is checked on every read, so a file cut
+        short under a held map is an error, never a ``SIGBUS``.
+        """
+        end = offset + nbytes
+        held = None if fresh else self._maps.get(name)
+        if held is None or len(held[1]) < end or os.fstat(held[0]).st_size < end:
+            held = self._open(name, end, batch)
+        return np.frombuffer(held[1], np.uint8, count=nbytes, offset=offset).copy()
+
+    def _open(self, name: str, end: int, batch: int) -> tuple[int, mmap.mmap]:
         def bad(what: str) -> CorruptShardError:
             return CorruptShardError(self.root, name, what, batch)
 
-        path = self.root / name
+        self._drop(name)
         try:
-            st = os.stat(path)
+            fd = os.open(self.root / name, os.O_RDONLY)
         except FileNotFoundError:
-            self._drop(name)
             raise bad(f"cannot be read: {name} is missing") from None
         except OSError as err:
             raise bad(f"cannot be read ({err})") from err
-        if st.st_size == 0:
-            raise bad(f"cannot be read: {name} is empty (0 bytes)")
-        if st.st_size < offset + nbytes:
-            raise bad(
-                f"is truncated: {name} has {st.st_size} bytes, the block ends at byte "
-                f"{offset + nbytes}"
-            )
-        held = self._maps.get(name)
-        if held is None or held[:2] != (st.st_dev, st.st_ino) or len(held[2]) < offset + nbytes:
-            self._drop(name)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise bad(f"cannot be read: {name} is empty (0 bytes)")
+            if size < end:
+                raise bad(f"is truncated: {name} has {size} bytes, the block ends at byte {end}")
             try:
-                with open(path, "rb") as f:
-                    held = (st.st_dev, st.st_ino, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            except (OSError, ValueError) as err:  # ValueError: emptied since the stat
+                held = self._maps[name] = (fd, mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+            except (OSError, ValueError) as err:  # ValueError: emptied since the size was read
                 raise bad(f"cannot be read ({err})") from err
-            self._maps[name] = held
-            if len(held[2]) < offset + nbytes:
-                raise bad(f"is truncated: {name} ends before byte {offset + nbytes}")
-        return np.frombuffer(held[2], np.uint8, count=nbytes, offset=offset).copy()
+        except BaseException:
+            os.close(fd)
+            raise
+        return held
 
     def _drop(self, name: str) -> None:
         held = self._maps.pop(name, None)
         if held is not None:
+            os.close(held[0])
             with contextlib.suppress(BufferError):  # a view still exported: closed when collected
-                held[2].close()
+                held[1].close()
 
     def close(self) -> None:
         self.retire(keep="")
