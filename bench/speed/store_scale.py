@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import mmap
 import os
 import platform
@@ -27,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from tqdm import tqdm
 
 import sdi.store.serve as serve
@@ -71,6 +74,21 @@ def files(folder: Path) -> list[str]:
     listing = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
     return [
         f"{len(listing)} files: " + ", ".join(f"`{n}` ({s / 2**20:.1f} MiB)" for n, s in listing)
+    ]
+
+
+def checksums(mib: int = 64) -> list[str]:
+    """Each candidate checksum alone over ``mib`` MiB, next to a plain copy of the same bytes."""
+    data = np.random.default_rng(0).random(mib << 18, dtype=np.float32).view(np.uint8)
+    cases = {
+        "copy (np.ndarray.copy)": data.copy,
+        "XXH3-128 (the store's)": lambda: xxhash.xxh3_128_hexdigest(data, seed=1),
+        "CRC-32 (zlib)": lambda: zlib.crc32(data),
+        "SHA-256 (hashlib; format 3's)": lambda: hashlib.sha256(data).hexdigest(),
+        "BLAKE2b (hashlib)": lambda: hashlib.blake2b(data).hexdigest(),
+    }
+    return [
+        f"| {name} | {data.nbytes / best_of(3, fn) / 1e9:.2f} GB/s |" for name, fn in cases.items()
     ]
 
 
@@ -228,6 +246,14 @@ def main() -> None:
             "|---|---|---|---|---|---|",
             *reads(big, "1 MiB (32 x 8192)"),
             *reads(store, "8 KiB (32 x 64)", repeats=1),
+        ]
+        sections += [
+            "",
+            "Checksums alone over 64 MiB, for scale:",
+            "",
+            "| | GB/s |",
+            "|---|---|",
+            *checksums(),
         ]
         print("\n".join(sections), flush=True)
         e2e = end_to_end(Path(tmp), args.n_train)

@@ -32,6 +32,7 @@ from .identity import FORMAT_VERSION
 
 CATALOGUE = "catalogue.sqlite"
 BUSY_TIMEOUT_S = 600.0  # how long a writer waits for another one's transaction
+_PAGE_BYTES = 4096  # SQLite's default page: what a catalogue write needs at least
 _FILE_NAME = re.compile(r"data_[0-9]{6}\.bin")
 _COLUMNS = {
     "meta": ["key", "value"],
@@ -104,10 +105,12 @@ class Catalogue:
             raise self.corrupt("is empty (0 bytes)")
         if not self.path.exists() and any(root.glob("data_*.bin")):
             raise self.corrupt("is missing, but the folder holds data files")
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # see FeatureStore: data files are synced
+            # Commits do not wait for the disk: a killed process loses nothing, a power cut the
+            # last commits at most (whose blocks then fail their checksums if they are read).
+            self.db.execute("PRAGMA synchronous=NORMAL")
             with self.transaction():
                 if not self._has_table("meta"):
                     for statement in _SCHEMA.split(";")[:-1]:  # not executescript: it commits
@@ -128,7 +131,7 @@ class Catalogue:
     def state(self, full: bool = True) -> CatalogueState:
         """The store's state; ``full=False`` skips counting the rows (``O(n)``) and trusts the
         highest index (``O(log n)``): what an append needs."""
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             (end,) = self.db.execute("SELECT coalesce(max(idx) + 1, 0) FROM batches").fetchone()
             count = end
             if full:
@@ -145,47 +148,28 @@ class Catalogue:
 
     def entries(self, start: int, limit: int) -> list[BatchEntry]:
         """The entries of batches ``start``, ``start + 1``, ... (at most ``limit``), in order."""
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             rows = self.db.execute(
                 f"{_SELECT} WHERE idx >= ? ORDER BY idx LIMIT ?", (start, limit)
             ).fetchall()
         return [self._entry(row) for row in rows]
 
     def entry(self, index: int) -> BatchEntry | None:
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             row = self.db.execute(f"{_SELECT} WHERE idx = ?", (index,)).fetchone()
         return None if row is None else self._entry(row)
 
     def _entry(self, row: tuple) -> BatchEntry:
-        index = row[0]
-
-        def bad(what: str) -> CorruptCatalogueError:
-            return self.corrupt(f"has a bad row for batch {index}: {what}")
-
-        kinds = (int, str, int, int, int, int, str, str, str, (str, type(None)))
-        for name, value, kind in zip(_COLUMNS["batches"], row, kinds, strict=True):
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise bad(f"{name!r} is {value!r}")
-        _, file, offset, nbytes, rows, steps, shape, dtype, checksum, fingerprint = row
-        if file not in self._names and not _FILE_NAME.fullmatch(file):
-            raise bad(f"file {file!r} is not a data file name (data_NNNNNN.bin)")
-        try:
-            dims = tuple(json.loads(shape))
-        except (ValueError, TypeError):
-            raise bad(f"shape {shape!r} is not a JSON list of sizes") from None
-        if not dims or not all(type(n) is int and n >= 0 for n in dims):
-            raise bad(f"shape {shape!r} is not a list of sizes")
-        self._names.add(file)
-        return BatchEntry(
-            index, file, offset, nbytes, rows, steps, dims, dtype, checksum, fingerprint
-        )
+        entry = parse_row(row, self._names, self.corrupt)
+        self._names.add(entry.file)
+        return entry
 
     # -- writing (inside ``transaction()``) ------------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction under SQLite's write lock; rolled back if the block raises."""
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -261,7 +245,7 @@ class Catalogue:
         return meta
 
     def _check(self, identity: dict[str, Any]) -> None:
-        with self._sqlite_errors():
+        with sqlite_errors(self.root):
             (verdict,) = self.db.execute("PRAGMA quick_check(1)").fetchone()
             if verdict != "ok":
                 raise self.corrupt(f"fails SQLite's quick_check ({verdict})")
@@ -287,30 +271,54 @@ class Catalogue:
             )
         self.state()  # its checks
 
-    @contextlib.contextmanager
-    def _sqlite_errors(self) -> Iterator[None]:
-        """Turn SQLite's errors into the store's: a full disk, a lock held too long, corruption."""
-        try:
-            yield
-        except sqlite3.Error as err:
-            code = getattr(err, "sqlite_errorcode", None)
-            text = str(err)
-            if code == sqlite3.SQLITE_FULL or "full" in text:
-                page = 4096
-                raise StoreWriteError(
-                    self.root, CATALOGUE, page, OSError(errno.ENOSPC, f"SQLite: {text}")
-                ) from err
-            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in text:
-                raise StoreError(
-                    self.root,
-                    f"{CATALOGUE} stayed locked by another writer for {BUSY_TIMEOUT_S:.0f} s "
-                    f"({text}); stop the other run or pass another folder",
-                ) from err
-            if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-                raise StoreWriteError(
-                    self.root, CATALOGUE, 0, OSError(errno.EACCES, f"SQLite: {text}")
-                ) from err
-            raise self.corrupt(f"cannot be read ({text})") from err
+
+@contextlib.contextmanager
+def sqlite_errors(root: Path) -> Iterator[None]:
+    """Turn SQLite's errors into the store's: a full disk, a lock held too long, corruption."""
+    try:
+        yield
+    except sqlite3.Error as err:
+        code = getattr(err, "sqlite_errorcode", None)
+        text = str(err)
+        if code == sqlite3.SQLITE_FULL or "full" in text:
+            raise StoreWriteError(
+                root, CATALOGUE, _PAGE_BYTES, OSError(errno.ENOSPC, f"SQLite: {text}")
+            ) from err
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in text:
+            raise StoreError(
+                root,
+                f"{CATALOGUE} stayed locked by another writer for {BUSY_TIMEOUT_S:.0f} s ({text}); "
+                "stop the other run or pass another folder",
+            ) from err
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            raise StoreWriteError(
+                root, CATALOGUE, 0, OSError(errno.EACCES, f"SQLite: {text}")
+            ) from err
+        raise CorruptCatalogueError(root, CATALOGUE, f"cannot be read ({text})") from err
+
+
+def parse_row(row: tuple, checked_names: set[str], corrupt) -> BatchEntry:
+    """A ``batches`` row as a :class:`BatchEntry`, or ``corrupt(what)`` raised; file names in
+    ``checked_names`` passed the name check before."""
+    index = row[0]
+
+    def bad(what: str) -> CorruptCatalogueError:
+        return corrupt(f"has a bad row for batch {index}: {what}")
+
+    kinds = (int, str, int, int, int, int, str, str, str, (str, type(None)))
+    for name, value, kind in zip(_COLUMNS["batches"], row, kinds, strict=True):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(f"{name!r} is {value!r}")
+    _, file, offset, nbytes, rows, steps, shape, dtype, checksum, fingerprint = row
+    if file not in checked_names and not _FILE_NAME.fullmatch(file):
+        raise bad(f"file {file!r} is not a data file name (data_NNNNNN.bin)")
+    try:
+        dims = tuple(json.loads(shape))
+    except (ValueError, TypeError):
+        raise bad(f"shape {shape!r} is not a JSON list of sizes") from None
+    if not dims or not all(type(n) is int and n >= 0 for n in dims):
+        raise bad(f"shape {shape!r} is not a list of sizes")
+    return BatchEntry(index, file, offset, nbytes, rows, steps, dims, dtype, checksum, fingerprint)
 
 
 def _diff(stored: dict, wanted: dict) -> str:
