@@ -327,11 +327,11 @@ def test_two_ranks_equal_one_process(checkpoints):
     folders = sorted((checkpoints / "store").glob("*/rank*-of2"))
     assert sorted(f.name for f in folders) == ["rank0-of2", "rank0-of2", "rank1-of2", "rank1-of2"]
     for folder in folders:  # one checkpoint each
-        manifest = describe(folder)
+        described = describe(folder)
         rank = int(folder.name[4])
-        assert manifest["complete"]
-        assert manifest["identity"]["shard"] == {"rank": rank, "world_size": WORLD}
-        assert manifest["rows"] == [[2, 2, 1], [2, 2]][rank]
+        assert described["complete"]
+        assert described["identity"]["shard"] == {"rank": rank, "world_size": WORLD}
+        assert described["rows"] == [[2, 2, 1], [2, 2]][rank]
 
 
 @pytest.mark.parametrize("scenario", ["fail", "fail_features"])

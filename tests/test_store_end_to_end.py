@@ -237,8 +237,8 @@ def test_two_writer_processes_on_one_new_store_both_end_correct(tmp_path, ckpt):
         assert torch.allclose(r["sdi"], want, atol=1e-6)
         assert r["fingerprint"] == batch_fingerprint(_batch())  # same digest in another process
     folder = _only_folder(store)
-    manifest = describe(folder)
-    assert manifest["complete"] and manifest["batches"] == 12 and manifest["rows"] == [1] * 12
+    described = describe(folder)
+    assert described["complete"] and described["batches"] == 12 and described["rows"] == [1] * 12
     _, offset, n = span(folder, 11)
     assert (folder / "data_000000.bin").stat().st_size == offset + n  # no batch stored twice
     with warnings.catch_warnings():
@@ -261,9 +261,9 @@ def test_one_process_store_identity_and_folder_are_pinned(
             with_step_matrix=with_step_matrix,
             train_store=tmp_path / "store",
         )
-        manifest = describe(tmp_path / "store" / f"{sha[:16]}-{layout}")
+        described = describe(tmp_path / "store" / f"{sha[:16]}-{layout}")
         names = [f"core.{name}" for name, _ in model.core.named_parameters()]
-        assert manifest["identity"] == {
+        assert described["identity"] == {
             "format": 4,
             "model": model_fingerprint(model),
             "loss_fn": loss_fn_fingerprint(next_token_loss),
@@ -282,7 +282,7 @@ def test_one_process_store_identity_and_folder_are_pinned(
             "dtype": "float32",
             "sdi_version": sdi.__version__,
         }
-        assert manifest["complete"] and manifest["rows"] == [3, 3, 1]
+        assert described["complete"] and described["rows"] == [3, 3, 1]
 
 
 def test_store_resumes_after_interruption_and_serves_other_query_sets(
@@ -301,8 +301,8 @@ def test_store_resumes_after_interruption_and_serves_other_query_sets(
             est, path, DiesAfter(train_batches, 2, Killed), query_batches, train_store=store
         )
     (folder,) = store.iterdir()
-    manifest = describe(folder)
-    assert len(manifest["rows"]) == 2 and not manifest["complete"]
+    described = describe(folder)
+    assert len(described["rows"]) == 2 and not described["complete"]
 
     calls = []
     _count_forwards(est, calls)
