@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .catalogue import CATALOGUE
 from .feature_store import FeatureStore
 from .identity import batch_at, batch_fingerprint, store_identity, trusts_train_loader
 
@@ -132,11 +135,6 @@ def _read_trusting(store, batches, compute, device) -> Iterator[tuple[torch.Tens
 def describe(folder: str | Path) -> dict[str, Any]:
     """What a store folder holds, read without an identity to check (for tests and tools):
     ``identity``, ``complete``, ``batches`` and ``rows`` (per stored batch, in order)."""
-    import json
-    import sqlite3
-
-    from .catalogue import CATALOGUE
-
     db = sqlite3.connect(f"file:{Path(folder) / CATALOGUE}?mode=ro", uri=True)
     try:
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
