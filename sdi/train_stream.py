@@ -20,9 +20,10 @@ class TrainStream:
     featurises the batches; with one, they are read where stored and computed (and appended)
     otherwise, which resumes an interrupted store (:func:`sdi.store.read_or_compute`). ``loader``
     holds this rank's batches only when sharded, and row offsets count over them; ``may_be_empty``
-    says so (a rank may own no batch). ``after_batch`` is called once per featurised batch, and
-    ``on_store_rows`` (with a store) after every batch with the rows served from and stored into
-    it so far (:class:`sdi.store.RowCounts`: a progress bar's postfix).
+    says so (a rank may own no batch). ``after_batch`` is called once per train batch, featurised
+    or read from the store (a progress bar's update), and ``on_store_rows`` (with a store) before
+    it with the rows served from and stored into the store so far (:class:`sdi.store.RowCounts`:
+    the bar's postfix).
 
     After a complete pass, :attr:`counts` holds the rows of every batch of that pass: what the
     gathers of :mod:`sdi.distributed` need to put every rank's rows in the loader's order.
@@ -60,15 +61,16 @@ class TrainStream:
                 yield self._compute(batch)
                 self.after_batch()
             return
-        yield from read_or_compute(
+        for item in read_or_compute(
             self.store,
             self.loader,
             self._compute,
             self.featurizer.device,
             allow_empty=self.may_be_empty,
-            after_append=self.after_batch,
             on_rows=self.on_store_rows,
-        )
+        ):
+            yield item
+            self.after_batch()  # read or computed: the bar counts every batch of the pass
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int]]:
         self._offset, self._report, counts = 0, NonFiniteRows(self.name), []

@@ -22,8 +22,10 @@ from conftest import (
     tiny_model,
 )
 from store_helpers import full_disk_at, span
+from tqdm.auto import tqdm
 
 import sdi
+import sdi.passes
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.fingerprints import loss_fn_fingerprint, model_fingerprint
 from sdi.store import (
@@ -480,3 +482,41 @@ def test_trusting_the_loader_skips_reading_it_and_is_unsafe(tmp_path, ckpt, monk
     served = _run(est, ckpt, trusted, store).sdi
     assert trusted.iterations == 0
     assert torch.equal(served, stored)  # stale features: why the opt-out is documented as unsafe
+
+
+def test_the_train_bar_counts_every_batch_and_shows_rows_served_and_stored(
+    tmp_path, ckpt, monkeypatch
+):
+    est, store = _est(), tmp_path / "store"
+
+    class Killed(Exception):
+        pass
+
+    with pytest.raises(Killed):
+        _run(est, ckpt, DiesAfter(_train(), 2, Killed), store)
+    bars = []
+
+    class Bar(tqdm):  # records what the train bar is told
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.name, self.updates, self.postfixes = kwargs.get("desc"), 0, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates += n
+            return super().update(n)
+
+        def set_postfix(self, **kwargs):
+            self.postfixes.append({k: v for k, v in kwargs.items() if k != "refresh"})
+            return super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(sdi.passes, "tqdm", Bar)
+    _run(est, ckpt, _train(), store)
+    (train_bar,) = [b for b in bars if b.name == "train batches"]
+    # 7 examples in batches of 3: two batches (6 rows) read back, the last one (1 row) computed
+    assert train_bar.updates == 3
+    assert train_bar.postfixes == [
+        {"served_rows": 3, "stored_rows": 0},
+        {"served_rows": 6, "stored_rows": 0},
+        {"served_rows": 6, "stored_rows": 1},
+    ]
