@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdi-installed
 
-.PHONY: demo demo-cli test lint format bench bench-accuracy kernel-report clean
+.PHONY: demo demo-cli test lint format bench bench-accuracy bench-store kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: $(STAMP)
 # side (0.1.1 runs in its own venv: $SDI_REFERENCE_PYTHON, else bench/.venv-reference is created).
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy/accuracy.py
+
+# The feature store at scale: appends at 1,000 / 10,000 / 100,000 batches, files per 100,000 batches,
+# verified vs unverified reads, end to end at N_train = 100,000 -> bench/results/store_scale.md.
+bench-store: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/speed/store_scale.py --out $(BENCH_RESULTS)/store_scale.md \
+		--command "make bench-store"
 
 # Compile every Triton kernel for sm_90a / sm_100a on this CPU (no GPU, no network): registers,
 # spills, shared memory, occupancy, roofline -> bench/results/kernels.md.

@@ -124,6 +124,9 @@ def checkpoint_passes(
                     after_batch=lambda: bar.update(1),
                     may_be_empty=sharding.may_own_no_batch,
                     name=rows_name("train_loader", sharding),
+                    on_store_rows=lambda c: bar.set_postfix(
+                        served_rows=c.served_rows, stored_rows=c.stored_rows, refresh=False
+                    ),
                 )
                 chunks = query_chunks(
                     featurizer,

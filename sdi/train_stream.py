@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .featurize import Featurizer, LossFn
-from .store import FeatureStore, read_or_compute
+from .store import FeatureStore, RowCounts, read_or_compute
 from .validation import NonFiniteRows
 
 
@@ -20,7 +20,10 @@ class TrainStream:
     featurises the batches; with one, they are read where stored and computed (and appended)
     otherwise, which resumes an interrupted store (:func:`sdi.store.read_or_compute`). ``loader``
     holds this rank's batches only when sharded, and row offsets count over them; ``may_be_empty``
-    says so (a rank may own no batch). ``after_batch`` is called once per featurised batch.
+    says so (a rank may own no batch). ``after_batch`` is called once per train batch, featurised
+    or read from the store (a progress bar's update), and ``on_store_rows`` (with a store) before
+    it with the rows served from and stored into the store so far (:class:`sdi.store.RowCounts`:
+    the bar's postfix).
 
     After a complete pass, :attr:`counts` holds the rows of every batch of that pass: what the
     gathers of :mod:`sdi.distributed` need to put every rank's rows in the loader's order.
@@ -37,10 +40,11 @@ class TrainStream:
         after_batch: Callable[[], Any],
         may_be_empty: bool = False,
         name: str = "train_loader",
+        on_store_rows: Callable[[RowCounts], Any] | None = None,
     ):
         self.featurizer, self.loader, self.loss_fn = featurizer, loader, loss_fn
         self.per_step, self.store, self.after_batch = per_step, store, after_batch
-        self.may_be_empty, self.name = may_be_empty, name
+        self.may_be_empty, self.name, self.on_store_rows = may_be_empty, name, on_store_rows
         self.counts: list[int] = []
         self._offset, self._report = 0, NonFiniteRows(name)  # of the pass in flight
 
@@ -57,14 +61,16 @@ class TrainStream:
                 yield self._compute(batch)
                 self.after_batch()
             return
-        yield from read_or_compute(
+        for item in read_or_compute(
             self.store,
             self.loader,
             self._compute,
             self.featurizer.device,
             allow_empty=self.may_be_empty,
-            after_append=self.after_batch,
-        )
+            on_rows=self.on_store_rows,
+        ):
+            yield item
+            self.after_batch()  # read or computed: the bar counts every batch of the pass
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int]]:
         self._offset, self._report, counts = 0, NonFiniteRows(self.name), []

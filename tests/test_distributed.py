@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
 from sdi import CheckpointSpec, ProjectedTracInSDI, distributed, influence
+from sdi.store import describe
 from sdi.toy import next_token_loss, random_token_batches
 
 WORLD = 2
@@ -327,11 +327,11 @@ def test_two_ranks_equal_one_process(checkpoints):
     folders = sorted((checkpoints / "store").glob("*/rank*-of2"))
     assert sorted(f.name for f in folders) == ["rank0-of2", "rank0-of2", "rank1-of2", "rank1-of2"]
     for folder in folders:  # one checkpoint each
-        manifest = json.loads((folder / "manifest.json").read_text())
+        described = describe(folder)
         rank = int(folder.name[4])
-        assert manifest["complete"]
-        assert manifest["identity"]["shard"] == {"rank": rank, "world_size": WORLD}
-        assert [s["rows"] for s in manifest["shards"]] == [[2, 2, 1], [2, 2]][rank]
+        assert described["complete"]
+        assert described["identity"]["shard"] == {"rank": rank, "world_size": WORLD}
+        assert described["rows"] == [[2, 2, 1], [2, 2]][rank]
 
 
 @pytest.mark.parametrize("scenario", ["fail", "fail_features"])
