@@ -51,6 +51,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .validation import warn_outside_package
+
 FOLDER_WEIGHT_FILES = (  # in the order a folder is searched, as transformers does
     "model.safetensors",
     "model.safetensors.index.json",
@@ -387,15 +389,155 @@ def _tied_aliases(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     return filled
 
 
-def default_load_model_state_dict(model: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Load ``model_state_dict``, else ``state_dict``, else the checkpoint itself, into ``model``
-    (strictly, after restoring weights left out because the model ties them to a saved one)."""
-    state = checkpoint
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's weights do not fit the model: keys missing or left over, or other shapes."""
+
+
+class CheckpointWarning(UserWarning):
+    """sdi read a checkpoint in a way the user did not spell out (a wrapper, a key prefix)."""
+
+
+# Keys under which training scripts nest the model's weights, in the order they are tried.
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network")
+# Key prefixes a wrapper adds to every key: torch.compile's module, DistributedDataParallel.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_SHOWN = 5  # keys listed per kind of difference
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
+    )
+
+
+def _nested_state(checkpoint: dict[str, Any]) -> tuple[Any, str | None]:
+    """The model's weights in ``checkpoint`` and the key they were under (``None``: the dict
+    itself). ``model_state_dict`` and ``state_dict`` first; then the one well-known key
+    (:data:`STATE_DICT_KEYS`) holding a dict of tensors or a module; several such keys: refused."""
     for key in ("model_state_dict", "state_dict"):
         if key in checkpoint:
-            state = checkpoint[key]
-            break
-    model.load_state_dict(_tied_aliases(model, state))
+            return checkpoint[key], key
+    if _is_tensor_dict(checkpoint):
+        return checkpoint, None
+    found = [
+        k
+        for k in STATE_DICT_KEYS
+        if _is_tensor_dict(checkpoint.get(k)) or isinstance(checkpoint.get(k), nn.Module)
+    ]
+    if len(found) > 1:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds weights under several keys {found}, so which one is the model "
+            "is ambiguous. Pass load_model_state_dict_fn=lambda model, ckpt: "
+            f"model.load_state_dict(ckpt[{found[0]!r}]) (with the key you mean)."
+        )
+    if not found:
+        return checkpoint, None
+    return checkpoint[found[0]], found[0]
+
+
+def _strip_prefix(model: nn.Module, state: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``state`` without a wrapper's prefix on every key (``torch.compile``'s ``_orig_mod.``,
+    DDP's ``module.``) when no key of the model has it; else ``state`` as it is."""
+    own = model.state_dict().keys()
+    for prefix in WRAPPER_PREFIXES:
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not any(k.startswith(prefix) for k in own)
+        ):
+            stripped = OrderedDict((k[len(prefix) :], v) for k, v in state.items())
+            metadata = getattr(state, "_metadata", None)
+            if metadata is not None:
+                stripped._metadata = OrderedDict(
+                    (k[len(prefix) :] if k.startswith(prefix) else k, v)
+                    for k, v in metadata.items()
+                )
+            return stripped, prefix
+    return state, None
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return f"{keys[:_SHOWN]}{more}"
+
+
+def _mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """What keeps ``state`` from loading strictly into ``model`` (missing keys, left-over keys,
+    other shapes), or ``None``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape
+    ]
+    not_tensors = [k for k in own if k in state and not torch.is_tensor(state[k])]
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} of the model's keys are not in the checkpoint: {_listed(missing)}"
+        )
+    if extra:
+        heads = sorted({k.split(".")[0] for k in extra})
+        problems.append(
+            f"{len(extra)} keys of the checkpoint are not in the model: {_listed(extra)} "
+            f"(under {_listed(heads)}: an EMA copy or another head left in?)"
+        )
+    if shapes:
+        problems.append(
+            f"{len(shapes)} shapes differ: {_listed(shapes)} (saved from another architecture or "
+            "config? build the model the checkpoint was trained with)"
+        )
+    if not_tensors:
+        problems.append(f"not tensors: {_listed(not_tensors)}")
+    return "; ".join(problems) or None
+
+
+MISMATCH_FIX = (
+    "Fix the checkpoint or the model, or pass load_model_state_dict_fn=(a function "
+    "(model, checkpoint) that loads it: picks, renames or drops keys, e.g. lambda model, ckpt: "
+    "model.load_state_dict(ckpt['ema']); strict=False only if you know the missing weights do "
+    "not matter), or load_checkpoint_fn= to read another file format."
+)
+
+
+def default_load_model_state_dict(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Load the checkpoint's model weights into ``model``, strictly.
+
+    The weights are ``model_state_dict``, else ``state_dict``, else the single well-known key
+    (:data:`STATE_DICT_KEYS`: ``model``, ``module``, ...) holding a dict of tensors or a pickled
+    module, else the checkpoint itself. A prefix every key carries and the model lacks
+    (``_orig_mod.`` from ``torch.compile``, ``module.`` from DDP) is removed, and weights left out
+    because the model ties them to a saved one are restored; the first two say so
+    (:class:`CheckpointWarning`). Keys that still differ, or other shapes, raise
+    :class:`CheckpointMismatchError` listing some of them and the fix.
+    """
+    state, key = _nested_state(checkpoint)
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(
+            f"the checkpoint's weights are a {type(state).__name__}, not a state dict "
+            "(a dict of tensors). Save model.state_dict(), or pass load_model_state_dict_fn=."
+        )
+    done = []
+    if key not in (None, "model_state_dict", "state_dict"):
+        others = [k for k in checkpoint if k != key]
+        done.append(f"took the weights under the key {key!r} (ignoring {_listed(others)})")
+    state, prefix = _strip_prefix(model, state)
+    if prefix is not None:
+        done.append(f"removed the prefix {prefix!r} from every key")
+    state = _tied_aliases(model, state)
+    problem = _mismatch(model, state)
+    if problem is not None:
+        raise CheckpointMismatchError(
+            f"its weights do not fit the model: {problem}. {MISMATCH_FIX}"
+        )
+    if done:
+        where = getattr(checkpoint, "path", "the checkpoint")
+        warn_outside_package(f"{where}: {' and '.join(done)}", CheckpointWarning)
+    model.load_state_dict(state)
 
 
 def _first_group_lr(optimizer: Any, where: str) -> float | None:
@@ -461,26 +603,63 @@ def eta_and_source(checkpoint: dict[str, Any], *, fallback: float = 1.0) -> tupl
     return _finite(fallback, "fallback"), "fallback"
 
 
+def _as_checkpoint_dict(checkpoint: Any, where: str) -> dict[str, Any]:
+    """What ``load_checkpoint_fn`` returned, as the dict the other two functions take: a whole
+    pickled model (``torch.save(model)``, loaded with ``weights_only=False``) becomes its
+    ``state_dict()``, with a :class:`CheckpointWarning`; anything else but a dict is refused."""
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    if isinstance(checkpoint, nn.Module):
+        warn_outside_package(
+            f"{where} is a whole pickled model ({type(checkpoint).__name__}): sdi loads its "
+            "state_dict(). Saving model.state_dict() instead gives a smaller file that loads "
+            "without running pickled code.",
+            CheckpointWarning,
+        )
+        return LoadedCheckpoint({"model_state_dict": checkpoint.state_dict()}, path=where)
+    raise TypeError(
+        f"{where}: load_checkpoint_fn returned a {type(checkpoint).__name__}; sdi needs a dict "
+        "(a state dict, or one holding 'model_state_dict') or a model. Save model.state_dict() "
+        "or return one of those from load_checkpoint_fn."
+    )
+
+
 def load_checkpoint_into(
     model: nn.Module,
     spec: CheckpointSpec,
     load_checkpoint_fn: Callable[[Any], dict[str, Any]],
     load_model_state_dict_fn: Callable[[nn.Module, dict[str, Any]], None],
     eta_from_checkpoint_fn: Callable[[dict[str, Any]], float],
+    index: int | None = None,
 ) -> float:
     """Load ``spec`` into ``model`` (then eval mode) and return its ``eta_k``, checked finite.
 
     ``spec.weight`` when given, else ``eta_from_checkpoint_fn`` of the loaded checkpoint -- a
     custom one's NaN or inf is an error naming the checkpoint, like a stored learning rate's.
+    ``index``, the checkpoint's place in ``checkpoints``, names it in errors with its path: weights
+    that do not fit the model (:class:`CheckpointMismatchError`, also for torch's own error from
+    a custom ``load_model_state_dict_fn``).
     """
-    checkpoint = load_checkpoint_fn(spec.path)
+    where = (
+        f"checkpoints[{index}] ({str(spec.path)!r})" if index is not None else repr(str(spec.path))
+    )
+    checkpoint = _as_checkpoint_dict(load_checkpoint_fn(spec.path), where)
     if spec.weight is not None:
         weight = float(spec.weight)
     else:
         weight = _finite(
             eta_from_checkpoint_fn(checkpoint), f"the weight (eta) of checkpoint {str(spec.path)!r}"
         )
-    load_model_state_dict_fn(model, checkpoint)
+    try:
+        load_model_state_dict_fn(model, checkpoint)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{where}: {err}") from err
+    except RuntimeError as err:
+        if "state_dict" not in str(err):  # torch's "Error(s) in loading state_dict for ..."
+            raise
+        raise CheckpointMismatchError(
+            f"{where}: its weights do not fit the model: {str(err).strip().rstrip('.')}. {MISMATCH_FIX}"
+        ) from err
     model.eval()
     return weight
 

@@ -129,8 +129,8 @@ def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator
     """Load each checkpoint into the model (eval mode) and yield its weight; restore train mode."""
     model, was_training = featurizer.model, featurizer.model.training
     try:
-        for spec in tqdm(
-            options.checkpoints, desc=options.progress_desc, disable=not options.progress
+        for k, spec in enumerate(
+            tqdm(options.checkpoints, desc=options.progress_desc, disable=not options.progress)
         ):
             yield load_checkpoint_into(
                 model,
@@ -138,6 +138,7 @@ def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator
                 options.load_checkpoint_fn,
                 options.load_model_state_dict_fn,
                 options.eta_from_checkpoint_fn,
+                index=k,
             )
     finally:
         model.train(was_training)
