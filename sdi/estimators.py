@@ -72,6 +72,7 @@ class _Estimator:
         it to that rank and ``None`` to the others; ``None`` gives each rank the rows of its own
         batches, in order. With no process group ``gather_to`` is ignored.
         """
+        self._featurizer.start_call()
         with distributed.failures_shared(self._featurizer.device):
             return loaders.featurize_loader(
                 self._featurizer, loader, loss_fn, gather_to, estimator=self._identity
@@ -134,7 +135,7 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals())  # first: locals() are the call's arguments alone
-            self._featurizer.check_open()
+            self._featurizer.start_call()
             return influence.influence_across_checkpoints(
                 self._featurizer, options, estimator=self._identity
             )
@@ -175,7 +176,7 @@ class _Estimator:
         """
         with distributed.failures_shared(self._featurizer.device):
             options = _options(locals(), skip=("k", "explain"))  # first: locals() = the arguments
-            self._featurizer.check_open()
+            self._featurizer.start_call()
             top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
         # Outside the shared-failure scope: only the receiving rank(s) explain, in one process.
         if top is None or explain is False or explain is None:
@@ -220,7 +221,7 @@ class _Estimator:
         (no sharding). Other arguments as in :meth:`influence_across_checkpoints`.
         """
         options = _options(locals(), skip="pairs")  # first: locals() are the arguments alone
-        self._featurizer.check_open()
+        self._featurizer.start_call()
         return explain_pairs(self._featurizer, options, pairs)
 
 

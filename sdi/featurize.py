@@ -18,11 +18,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .diagnose import (
+    SCALAR_SUM_LOSS,
+    never_ran_error,
+    no_step_warning,
+    root_selection_error,
+    unused_error,
+)
 from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import ExactRules, SketchRules, check_supported
 from .steps import StepPlan, plan_steps
+from .validation import warn_outside_package
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -204,6 +212,7 @@ class Featurizer:
         self.device = next(iter(devices))
         self._pass: _Pass | None = None
         self._closed = False
+        self._warned_scalar_sum = self._said_no_step = False  # once per call (start_call)
         self.hooks = HookManager(
             list(self._module_params),
             self._on_grad,
@@ -220,6 +229,12 @@ class Featurizer:
     def close(self) -> None:
         self.hooks.close()
         self._closed = True
+
+    def start_call(self) -> None:
+        """Begin one public call (``influence_across_checkpoints``, ...): check the estimator is
+        open, and let this call's once-per-call warnings be said again."""
+        self.check_open()
+        self._warned_scalar_sum = self._said_no_step = False
 
     def check_open(self) -> None:
         """``RuntimeError`` if :meth:`close` was called."""
@@ -249,12 +264,22 @@ class Featurizer:
         params = list(self.model.parameters())
         with requires_grad_set(params, False), self.hooks.capture() as log:
             per_example = _check_loss(loss_fn(self.model, batch))
-            plan = plan_steps(
-                log,
-                {b.name: b.module for b in self.blocks},
-                expected_steps=self.expected_steps,
-                allow_mixed_steps=self.allow_mixed_steps,
-            )
+            unused = {b.name: b.module for b in self.blocks if not log.uses.get(b.module)}
+            if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
+                return self._without_uses(unused, batch, loss_fn, per_example, sum_steps, on_losses)
+            try:
+                plan = plan_steps(
+                    log,
+                    {b.name: b.module for b in self.blocks},
+                    expected_steps=self.expected_steps,
+                    allow_mixed_steps=self.allow_mixed_steps,
+                )
+            except RuntimeError as err:
+                root = [b.name for b in self.blocks if b.module is self.model]
+                if root:
+                    why = "the root's one call spans every loop pass, so its use has no step"
+                    raise root_selection_error(self.model, root, why) from err
+                raise
             self.step_plan = plan
             if self.strict and log.mutated_buffers:
                 module, buffers = next(iter(log.mutated_buffers.items()))
@@ -278,6 +303,9 @@ class Featurizer:
             if on_losses is not None:
                 on_losses(per_example.detach().expand(B))
             if per_example.dim() == 0:
+                if self.loss_reduction == "sum" and not self._warned_scalar_sum:
+                    self._warned_scalar_sum = True
+                    warn_outside_package(SCALAR_SUM_LOSS, UserWarning)
                 loss = per_example
             else:
                 loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
@@ -300,6 +328,36 @@ class Featurizer:
                 for p, feature in sums.sketches():
                     out[:, self._columns[p]] += feature
         return out, plan.steps
+
+    def _without_uses(self, unused, batch, loss_fn, per_example, sum_steps, on_losses):
+        """Features of a batch in which the selected parameters in ``unused`` saw no use: an
+        error saying why (:func:`sdi.diagnose.unused_error`), or, when no selected module ran at
+        all (a loop halted before its first step), zero features ``(B, [steps,] D)``."""
+        with self.hooks.paused():
+            error = unused_error(self.model, unused, lambda: loss_fn(self.model, batch))
+        if error is not None:
+            raise error
+        if len(unused) < len(self.blocks):
+            raise never_ran_error(
+                list(unused), [b.name for b in self.blocks if b.name not in unused]
+            )
+        if per_example.dim() == 0:
+            raise ValueError(
+                "no selected module ran for this batch and loss_fn returned a scalar, so its "
+                "number of examples is unknown: return per-example losses (B,)"
+            )
+        batch_size = per_example.shape[0]
+        last = self.step_plan.steps if self.step_plan is not None else 0
+        steps = self.expected_steps if self.expected_steps is not None else last
+        if not self._said_no_step:
+            self._said_no_step = True
+            warn_outside_package(no_step_warning(batch_size, steps), RuntimeWarning)
+        if on_losses is not None:
+            on_losses(per_example.detach())
+        modules = {b.module: [] for b in self.blocks}
+        self.step_plan = StepPlan(steps, modules, [f"pass {t}" for t in range(steps)])
+        shape = (batch_size, self.width) if sum_steps else (batch_size, steps, self.width)
+        return torch.zeros(shape, dtype=torch.float32, device=self.device), steps
 
     @torch.no_grad()
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:

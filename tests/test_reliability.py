@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
-from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
+from sdi import CheckpointSpec, ProjectedTracInSDI
 from sdi.checkpoints import CheckpointMismatchError, CheckpointWarning
-from sdi.toy import next_token_loss, random_token_batches
+from sdi.toy import next_token_loss
 
 
 def _run(est, checkpoints, train, query, loss_fn=next_token_loss, **kwargs):
@@ -203,8 +203,9 @@ def test_copied_or_renamed_checkpoint_serves_the_same_store(
     copy = shutil.copy(first, tmp_path / "best.pt")  # byte-identical, another name
     renamed = tmp_path / "renamed.pt"
     (tmp_path / "ckpt_3.pt").rename(renamed)
+    calls = []
     for path in (copy, renamed):
-        calls = []
+        calls.clear()
         hook = model.core.register_forward_hook(lambda *a: calls.append(1))
         try:
             got = _run(
@@ -220,3 +221,184 @@ def test_copied_or_renamed_checkpoint_serves_the_same_store(
         # The query batch runs the loop (3 steps); the 3 train batches come from the store.
         assert len(calls) == model.loop_steps
     assert len(list(store.iterdir())) == 1
+
+
+# -- item 1: a scalar loss with loss_reduction="sum" -------------------------------------------
+
+
+def _mean_loss(model, batch):  # F.cross_entropy's default: the batch mean, a scalar
+    logits = model(batch["tokens"])[:, :-1]
+    return F.cross_entropy(logits.flatten(0, 1), batch["tokens"][:, 1:].flatten())
+
+
+def test_scalar_loss_with_sum_warns_once_per_call_naming_both_fixes(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    est = _est(model)
+    for _ in range(2):  # once per call, not once per process or per batch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches, loss_fn=_mean_loss)
+        said = [str(w.message) for w in caught if "returned a scalar" in str(w.message)]
+        assert len(said) == 1, said
+        assert "per-example losses, shape (B,)" in said[0]
+        assert "reduction='none'" in said[0] and "loss_reduction='mean'" in said[0]
+        assert caught[0].filename == __file__  # at the user's call
+
+
+def test_scalar_loss_with_mean_or_vector_loss_is_silent(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(_est(model), [CheckpointSpec(path, 1.0)], train_batches, query_batches)
+        _run(
+            _est(model, loss_reduction="mean"),
+            [CheckpointSpec(path, 1.0)],
+            train_batches,
+            query_batches,
+            loss_fn=_mean_loss,
+        )
+
+
+# -- item 5: parameters never used in the forward pass, three causes ----------------------------
+
+
+class _Checkpointed(nn.Module):
+    """The toy model with its loop body under ``torch.utils.checkpoint``."""
+
+    def __init__(self, model, reentrant: bool):
+        super().__init__()
+        self.inner, self.reentrant = model, reentrant
+
+    def forward(self, tokens):
+        m = self.inner
+        x = m.embed(tokens) + m.pos[: tokens.shape[1]]
+        for _ in range(m.loop_steps):
+            x = torch.utils.checkpoint.checkpoint(m.core, x, use_reentrant=self.reentrant)
+        return m.head(x)
+
+
+def test_reentrant_checkpoint_is_named_and_use_reentrant_false_works(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    want = _run(_est(model), [CheckpointSpec(path, 1.0)], train_batches, query_batches)
+    wrapped = _Checkpointed(model, reentrant=True)
+    est = ProjectedTracInSDI(model=wrapped, target_modules=model.core, projection_size=32)
+    load = {"load_model_state_dict_fn": lambda m, c: None}  # the inner model holds the weights
+    with pytest.raises(RuntimeError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own warning about inputs without grad
+        _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches, **load)
+    message = str(err.value)
+    assert "use_reentrant=True" in message and "Pass use_reentrant=False" in message
+    assert "core.qkv.weight" in message and "no_grad" not in message
+    est.close()
+    wrapped.reentrant = False
+    est = ProjectedTracInSDI(model=wrapped, target_modules=model.core, projection_size=32)
+    got = _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches, **load)
+    torch.testing.assert_close(got.sdi, want.sdi, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_inside_the_model_is_named(model, train_batches):
+    est = _est(model)
+    with pytest.raises(RuntimeError, match=r"ran with gradients off \(torch.no_grad\(\)"):
+        est.featurize_loader(loader=train_batches, loss_fn=_no_grad_model)
+
+
+def _no_grad_model(m, batch):
+    with torch.no_grad():
+        logits = m(batch["tokens"])
+    return logits.sum(dim=(1, 2)) + torch.zeros(logits.shape[0], requires_grad=True)
+
+
+class _Halting(nn.Module):
+    """A data-dependent loop: each batch says how many passes it runs (0: none at all)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, tokens, passes):
+        m = self.inner
+        x = m.embed(tokens) + m.pos[: tokens.shape[1]]
+        for _ in range(passes):
+            x = m.core(x)
+        return m.head(x)
+
+
+def _halting_loss(model, batch):
+    logits = model(batch["tokens"], batch["passes"])[:, :-1]
+    per_token = F.cross_entropy(
+        logits.flatten(0, 1), batch["tokens"][:, 1:].flatten(), reduction="none"
+    )
+    return per_token.view(batch["tokens"].shape[0], -1).mean(dim=1)
+
+
+def test_a_batch_whose_loop_halts_before_its_first_step_gets_zero_rows(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    steps = model.loop_steps
+    halting = _Halting(model)
+    train = [{**b, "passes": 0 if i == 1 else steps} for i, b in enumerate(train_batches)]
+    query = [{**b, "passes": steps} for b in query_batches]
+    est = ProjectedTracInSDI(model=halting, target_modules=model.core, projection_size=32)
+    load = {"load_model_state_dict_fn": lambda m, c: None}
+    with pytest.warns(RuntimeWarning, match="halted before its first step.*zero"):
+        got = _run(est, [CheckpointSpec(path, 1.0)], train, query, _halting_loss, **load)
+    want = _run(_est(model), [CheckpointSpec(path, 1.0)], train_batches, query_batches)
+    assert (got.sdi[3:6] == 0).all()  # the halted batch's rows: exactly zero
+    keep = [0, 1, 2, 6]
+    torch.testing.assert_close(got.sdi[keep], want.sdi[keep], rtol=1e-4, atol=1e-6)
+    # Per step too (query side halted, with expected_steps fixing the step count).
+    query[0] = {**query[0], "passes": 0}
+    est = ProjectedTracInSDI(
+        model=halting, target_modules=model.core, projection_size=32, expected_steps=steps
+    )
+    with pytest.warns(RuntimeWarning, match="halted"):
+        phi = est.featurize_loader(loader=query, loss_fn=_halting_loss)
+    assert all((v == 0).all() and v.shape[1] == steps for v in phi.phi.values())
+
+
+def test_root_parameters_of_a_looped_model_are_named_with_a_selection_that_works(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    est = ProjectedTracInSDI(
+        model=model, target_modules=model, projection_size=16, allow_mixed_steps=True
+    )
+    with pytest.raises(RuntimeError) as err:
+        _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)
+    message = str(err.value)
+    assert "parameters ['pos'] belong to the root module (LoopedTransformer)" in message
+    works = "target_modules=[model.embed, model.core, model.head] with allow_mixed_steps=True"
+    assert works in message and "target_modules=model.core" in message
+    est.close()
+    est = ProjectedTracInSDI(
+        model=model,
+        target_modules=[model.embed, model.core, model.head],
+        projection_size=16,
+        allow_mixed_steps=True,
+    )
+    out = _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)  # it works
+    assert out.sdi.shape == (7, 4, model.loop_steps + 2)
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.body = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return {"y": self.body(x * self.scale).squeeze(-1)}
+
+
+def test_root_parameter_of_a_model_returning_a_dict_is_named():
+    model = _DictOut()
+    est = ProjectedTracInSDI(model=model, target_modules=model, projection_size=8)
+    with pytest.raises(RuntimeError, match=r"\['scale'\] belong to the root module.*model.body"):
+        est.featurize_loader(loader=[torch.randn(4, 3)], loss_fn=lambda m, x: m(x)["y"])
