@@ -29,6 +29,7 @@ from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import ExactRules, SketchRules, check_supported
+from .sizes import check_features_fit
 from .steps import StepPlan, plan_steps
 from .validation import warn_outside_package
 
@@ -208,8 +209,10 @@ class Featurizer:
             )
             start += width
         self.width = start
+        self.projection_size = projection_size
         self._columns = {b.param: b.columns for b in self.blocks}
         self.device = next(iter(devices))
+        check_features_fit(**self._size_of_features())  # one example at one step must fit
         self._pass: _Pass | None = None
         self._closed = False
         self._warned_scalar_sum = self._said_no_step = False  # once per call (start_call)
@@ -310,6 +313,9 @@ class Featurizer:
             else:
                 loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
             shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
+            check_features_fit(
+                **self._size_of_features(), batch=B, steps=1 if sum_steps else plan.steps
+            )
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
             if not loss.requires_grad:
                 raise RuntimeError(
@@ -328,6 +334,15 @@ class Featurizer:
                 for p, feature in sums.sketches():
                     out[:, self._columns[p]] += feature
         return out, plan.steps
+
+    def _size_of_features(self) -> dict:
+        """What :func:`sdi.sizes.check_features_fit` needs besides the batch and steps."""
+        return dict(
+            width=self.width,
+            params=len(self.blocks),
+            projection_size=self.projection_size,
+            device=self.device,
+        )
 
     def _without_uses(self, unused, batch, loss_fn, per_example, sum_steps, on_losses):
         """Features of a batch in which the selected parameters in ``unused`` saw no use: an

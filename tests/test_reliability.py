@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
-from sdi import CheckpointSpec, ProjectedTracInSDI
+from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.checkpoints import CheckpointMismatchError, CheckpointWarning
 from sdi.toy import next_token_loss
 
@@ -402,3 +402,42 @@ def test_root_parameter_of_a_model_returning_a_dict_is_named():
     est = ProjectedTracInSDI(model=model, target_modules=model, projection_size=8)
     with pytest.raises(RuntimeError, match=r"\['scale'\] belong to the root module.*model.body"):
         est.featurize_loader(loader=[torch.randn(4, 3)], loss_fn=lambda m, x: m(x)["y"])
+
+
+# -- item 6: sizes checked before the work ------------------------------------------------------
+
+
+def test_projection_size_2_31_is_refused_up_front_naming_the_bytes_and_the_knob(model, monkeypatch):
+    monkeypatch.setattr("sdi.sizes.device_memory_bytes", lambda device: 32 << 30)
+    params = len(list(model.core.parameters()))
+    with pytest.raises(ValueError) as err:
+        ProjectedTracInSDI(model=model, target_modules=model.core, projection_size=2**31)
+    message = str(err.value)
+    want = params * 2**31 * 4 / 2**30  # one example, one step: 8 parameters x 2**31 x 4 bytes
+    assert f"would take {want:,.1f} GiB" in message and "32.0 GiB" in message
+    assert f"{params} parameters x projection_size 2147483648 x 4 bytes" in message
+    assert "lower projection_size" in message
+
+
+def test_a_batch_too_large_is_refused_before_its_backward(model, query_batches, monkeypatch):
+    est = _est(model)  # 8 parameters x 32 columns: 1 KiB per example and step
+    monkeypatch.setattr("sdi.sizes.device_memory_bytes", lambda device: 6 << 10)
+    backward = []
+    model.core.register_full_backward_hook(lambda *a: backward.append(1))
+    with pytest.raises(ValueError, match=r"one batch would take .*4 examples x 3 steps") as err:
+        est.featurize_loader(loader=query_batches, loss_fn=next_token_loss)
+    assert "smaller batches" in str(err.value) and "projection_size" in str(err.value)
+    assert not backward
+
+
+def test_exact_estimator_too_large_names_the_projected_one(model, monkeypatch):
+    monkeypatch.setattr("sdi.sizes.device_memory_bytes", lambda device: 1 << 10)
+    numel = sum(p.numel() for p in model.core.parameters())
+    with pytest.raises(ValueError, match=rf"{numel} parameter entries.*use ProjectedTracInSDI"):
+        FullGradientTracInSDI(model=model, target_modules=model.core)
+
+
+def test_device_memory_is_known_on_the_cpu():
+    from sdi.sizes import device_memory_bytes
+
+    assert device_memory_bytes(torch.device("cpu")) > 2**28
