@@ -16,7 +16,7 @@ from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.checkpoints import CheckpointMismatchError, CheckpointWarning
-from sdi.toy import next_token_loss
+from sdi.toy import next_token_loss, random_token_batches
 
 
 def _run(est, checkpoints, train, query, loss_fn=next_token_loss, **kwargs):
@@ -441,3 +441,78 @@ def test_device_memory_is_known_on_the_cpu():
     from sdi.sizes import device_memory_bytes
 
     assert device_memory_bytes(torch.device("cpu")) > 2**28
+
+
+# -- item 7: explain on sequence-first models ---------------------------------------------------
+
+
+class _MLPLoop(nn.Module):
+    """The toy model's embedding, MLP loop and head, run sequence-first ``(T, B, d)`` inside when
+    ``seq_first``; its loader yields batch-first token ids ``(B, T)`` either way."""
+
+    def __init__(self, inner, seq_first: bool):
+        super().__init__()
+        self.inner, self.seq_first = inner, seq_first
+
+    def forward(self, tokens):
+        m = self.inner
+        x = m.embed(tokens) + m.pos[: tokens.shape[1]]
+        x = x.transpose(0, 1).contiguous() if self.seq_first else x
+        for _ in range(m.loop_steps):
+            x = x + m.core.fc2(F.gelu(m.core.fc1(x)))
+        return m.head(x.transpose(0, 1) if self.seq_first else x)
+
+
+def test_explain_on_a_sequence_first_model_with_batch_first_loaders(tmp_path, model):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    train = random_token_batches(5, 2, SEQ, VOCAB, seed=3)  # B=2 != T=7: the count matters
+    query = random_token_batches(3, 3, SEQ, VOCAB, seed=4)
+    pairs = [(0, 0), (3, 2), (4, 1)]
+    common = dict(
+        checkpoints=[CheckpointSpec(path, 1.0)],
+        train_loader=train,
+        query_loader=query,
+        loss_fn=next_token_loss,
+        load_model_state_dict_fn=lambda m, c: None,
+    )
+    results = {}
+    for seq_first in (True, False):
+        wrapped = _MLPLoop(model, seq_first)
+        est = ProjectedTracInSDI(
+            model=wrapped,
+            target_modules=[model.core.fc1, model.core.fc2],
+            projection_size=32,
+            batch_first=not seq_first,
+        )
+        dense = est.influence_across_checkpoints(**common)  # accepts these loaders
+        got = est.explain(pairs=pairs, **common)
+        top = est.top_influences(k=2, explain=True, **common)
+        est.close()
+        for (i, j), e in zip(pairs, got, strict=True):
+            torch.testing.assert_close(e.sdi, dense.sdi[i, j], rtol=1e-4, atol=1e-6)
+            assert e.positions_train.shape == (SEQ, model.loop_steps)
+        first = top.most_explanations[0][0]
+        torch.testing.assert_close(
+            first.sdi, dense.sdi[top.most_indices[0, 0], 0], rtol=1e-4, atol=1e-6
+        )
+        results[seq_first] = got
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a.positions_train, b.positions_train, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.positions_query, b.positions_query, rtol=1e-4, atol=1e-6)
+
+
+def test_explain_says_how_to_lay_out_a_batch_it_cannot_count(tmp_path, model):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    odd = [
+        {"ids": torch.zeros(5), "tokens": b["tokens"]}
+        for b in random_token_batches(4, 2, SEQ, VOCAB, 1)
+    ]
+    est = _est(model)
+    with pytest.raises(ValueError, match=r"shape \(5,\), but the model saw a batch of 2.*first"):
+        est.explain(
+            pairs=[(0, 0)],
+            checkpoints=[CheckpointSpec(path, 1.0)],
+            train_loader=odd,
+            query_loader=odd,
+            loss_fn=next_token_loss,
+        )
