@@ -59,7 +59,9 @@ class _MaskedRules:
         if g.dim() < 2:
             raise ValueError(
                 f"{type(module).__name__}'s output has no position dimension (shape "
-                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...)"
+                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...); select "
+                "modules with a position dimension, or use by_parameter= of "
+                "influence_across_checkpoints for the split by weights alone"
             )
         self.lengths.add(g.shape[1])  # g is batch first here, positions next
         if self.position is not None:
@@ -91,7 +93,8 @@ def _featurize(featurizer, batch, loss_fn, sum_steps: bool, position: int | None
         )
     if len(rules.lengths) != 1:
         raise ValueError(
-            f"the selected modules' outputs have different position counts {sorted(rules.lengths)}"
+            f"the selected modules' outputs have different position counts {sorted(rules.lengths)}: "
+            "explain splits by position, so select modules that all see the same positions"
         )
     return feats, rules.lengths.pop()
 

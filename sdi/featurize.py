@@ -61,10 +61,14 @@ class _Pass:
 def _check_loss(loss: Any) -> torch.Tensor:
     """``loss_fn``'s result, refused unless it is a scalar or a vector ``(B,)`` of ``B > 0``."""
     if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        raise TypeError(
+            f"loss_fn must return a tensor, got {type(loss).__name__}: return the per-example "
+            "losses, a tensor of shape (B,)"
+        )
     if loss.dim() > 1:
         raise ValueError(
-            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
+            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}: "
+            "reduce every dimension but the batch (per-token losses (B, T): .mean(dim=1))"
         )
     if loss.numel() == 0:
         raise ValueError(
@@ -158,18 +162,26 @@ class Featurizer:
 
         selected = _selected_params(list(target_modules))
         if not selected:
-            raise ValueError("target_modules hold no trainable parameters")
+            raise ValueError(
+                "target_modules hold no trainable parameters (all have requires_grad=False, or "
+                "the modules own none): select the modules whose parameters you want analysed, "
+                "with requires_grad=True"
+            )
         devices = {p.device for p in selected}
         if len(devices) > 1:
             raise ValueError(
-                f"selected parameters span several devices: {sorted(map(str, devices))}"
+                f"selected parameters span several devices: {sorted(map(str, devices))}: move "
+                "the model to one device (model.to(device)) before building the estimator"
             )
         names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(p, name)
         missing = [p for p in selected if p not in names]
         if missing:
-            raise ValueError("target_modules hold parameters that are not parameters of model")
+            raise ValueError(
+                "target_modules hold parameters that are not parameters of model: pass modules "
+                "of the very model object that loss_fn runs (not of a copy)"
+            )
 
         # Owning modules in model order: the order the hash tables are drawn in.
         selected_set = set(selected)
@@ -181,7 +193,9 @@ class Featurizer:
             for p in direct:
                 if p in owner:
                     raise ValueError(
-                        f"parameter {names[p]!r} is owned by two modules; this is not supported"
+                        f"parameter {names[p]!r} is owned by two selected modules ({owner[p][0]!r} "
+                        f"and {module_name!r}): sdi pairs each parameter with one module's calls. "
+                        "Select only one of them, or let one module own the parameter"
                     )
                 module_rules[module] = check_supported(
                     module, module_name, p, names[p], strict=strict, exact=projection_size is None
@@ -294,7 +308,10 @@ class Featurizer:
                 )
             if len(log.batch_sizes) != 1:
                 raise RuntimeError(
-                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
+                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)} along "
+                    f"dimension {0 if self.batch_first else 1} of their outputs "
+                    f"(batch_first={self.batch_first}): every selected module must see the batch "
+                    "on that dimension; check batch_first, or select modules of one layout"
                 )
             B = log.batch_sizes.pop()
             _check_loss_length(per_example, B, self.batch_first)
@@ -319,7 +336,9 @@ class Featurizer:
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
             if not loss.requires_grad:
                 raise RuntimeError(
-                    "the loss does not depend on the outputs of the selected modules"
+                    "the loss does not depend on the outputs of the selected modules: loss_fn "
+                    "must compute the loss from this call of the model (not a detached or cached "
+                    "value), through the target_modules"
                 )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
             # Rules with step sums hash each parameter once per pass instead of once per use.

@@ -516,3 +516,73 @@ def test_explain_says_how_to_lay_out_a_batch_it_cannot_count(tmp_path, model):
             query_loader=odd,
             loss_fn=next_token_loss,
         )
+
+
+# -- the same class elsewhere: each refusal says what, and how to fix it -----------------------
+
+
+def _frozen_core(model):
+    model.core.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "loss_fn, fix",
+    [
+        (lambda m, b: next_token_loss(m, b).tolist(), "return the per-example losses"),
+        (
+            lambda m, b: m(b["tokens"]).logsumexp(-1),  # (B, T) per-token values
+            r"per-token losses \(B, T\): .mean\(dim=1\)",
+        ),
+        (lambda m, b: next_token_loss(m, b).detach(), "from this call of the model"),
+    ],
+    ids=["not-a-tensor", "per-token", "detached"],
+)
+def test_loss_refusals_name_the_fix(model, train_batches, loss_fn, fix):
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=fix):
+        _est(model).featurize_loader(loader=train_batches, loss_fn=loss_fn)
+
+
+def test_selection_without_trainable_parameters_names_the_fix(model):
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        _est(_frozen_core(model))
+
+
+def test_query_batches_with_other_step_counts_name_tracin(tmp_path, model, query_batches):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    query = [{**query_batches[0], "passes": 3}, {**query_batches[0], "passes": 2}]
+    est = ProjectedTracInSDI(model=_Halting(model), target_modules=model.core, projection_size=8)
+    with pytest.raises(ValueError, match=r"different step counts \[2, 3\].*mode='tracin'"):
+        _run(
+            est,
+            [CheckpointSpec(path, 1.0)],
+            query,
+            query,
+            _halting_loss,
+            load_model_state_dict_fn=lambda m, c: None,
+        )
+    out = _run(
+        est,
+        [CheckpointSpec(path, 1.0)],
+        query,
+        query,
+        _halting_loss,
+        mode="tracin",
+        load_model_state_dict_fn=lambda m, c: None,
+    )
+    assert out.tracin.shape == (8, 8)  # the fix it names works
+
+
+def test_standard_errors_of_the_exact_estimator_name_the_projected_one(
+    tmp_path, model, train_batches, query_batches
+):
+    path = save_checkpoint(tmp_path / "a.pt", model)
+    est = FullGradientTracInSDI(model=model, target_modules=model.core)
+    with pytest.raises(ValueError, match="use ProjectedTracInSDI"):
+        _run(
+            est,
+            [CheckpointSpec(path, 1.0)],
+            train_batches,
+            query_batches,
+            with_standard_errors=True,
+        )
