@@ -491,7 +491,25 @@ def _mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
         )
     if not_tensors:
         problems.append(f"not tensors: {_listed(not_tensors)}")
+    prefix = _shared_prefix(state, own)
+    if prefix is not None:
+        problems.append(
+            f"every key of the checkpoint carries the prefix {prefix!r}, and without it they are "
+            "the model's keys: pass load_model_state_dict_fn=lambda model, ckpt: "
+            f"model.load_state_dict({{k.removeprefix({prefix!r}): v for k, v in <the weights>"
+            ".items()})"
+        )
     return "; ".join(problems) or None
+
+
+def _shared_prefix(state: dict[str, Any], own: dict[str, Any]) -> str | None:
+    """The first key component every key of ``state`` carries (a LightningModule's ``model.``)
+    if removing it gives exactly the model's keys, else ``None``."""
+    first = {k.split(".", 1)[0] for k in state}
+    if len(first) != 1 or not all("." in k for k in state):
+        return None
+    prefix = f"{first.pop()}."
+    return prefix if {k[len(prefix) :] for k in state} == set(own) else None
 
 
 MISMATCH_FIX = (

@@ -16,7 +16,7 @@ from conftest import SEQ, VOCAB, save_checkpoint, tiny_model
 
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.checkpoints import CheckpointMismatchError, CheckpointWarning
-from sdi.toy import next_token_loss, random_token_batches
+from sdi.toy import LoopedTransformer, next_token_loss, random_token_batches
 
 
 def _run(est, checkpoints, train, query, loss_fn=next_token_loss, **kwargs):
@@ -108,13 +108,19 @@ def test_missing_keys_are_named(tmp_path, model, train_batches, query_batches):
 
 
 def test_another_architectures_shapes_are_listed(tmp_path, train_batches, query_batches):
-    wider = torch.nn.Module()
-    from sdi.toy import LoopedTransformer
-
     wider = LoopedTransformer(vocab=VOCAB, d_model=16, n_heads=2, loop_steps=3, max_len=SEQ)
     message = _mismatch_error(tmp_path, wider.state_dict(), train_batches, query_batches)
     assert "shapes differ" in message
     assert "embed.weight: checkpoint (19, 16), model (19, 12)" in message
+
+
+def test_a_lightning_style_prefix_is_named_with_the_renaming_fix(
+    tmp_path, model, train_batches, query_batches
+):
+    state = {"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}
+    message = _mismatch_error(tmp_path, state, train_batches, query_batches)
+    assert "every key of the checkpoint carries the prefix 'net.'" in message
+    assert "k.removeprefix('net.')" in message
 
 
 def test_weights_under_several_known_keys_are_ambiguous(
