@@ -6,7 +6,9 @@ the cause and the fix instead of a generic one:
 - a scalar loss with ``loss_reduction="sum"`` (:data:`SCALAR_SUM_LOSS`);
 - selected parameters never used in the forward pass (:func:`unused_error`): their modules ran
   with gradients off (``torch.utils.checkpoint(use_reentrant=True)``, ``torch.no_grad()``), or a
-  parameter of the root module was selected (``target_modules=model``), or they did not run;
+  parameter of the root module was selected (``target_modules=model``), or they did not run --
+  some of them (:func:`never_ran_error`), or all, a batch whose data-dependent loop halted before
+  its first step, whose features are zero (:func:`no_step_warning`);
 - a parameter of the root module in a looped model (:func:`root_selection_error`): the root's one
   call spans every loop pass, so its use has no step.
 """
@@ -131,9 +133,9 @@ def never_ran_error(unused: list[str], used: list[str]) -> RuntimeError:
     """Some selected parameters ran in this forward pass, others (``unused``) not at all."""
     return RuntimeError(
         f"selected parameters {unused[:10]} were never used in this batch's forward pass, while "
-        f"{used[:3]}... were. Select only modules the model runs for every batch (a module used "
-        "in some loop passes only, such as a gate, needs allow_mixed_steps=False and at least "
-        "one pass in which it runs)."
+        f"{used[:3]}{' ...' if len(used) > 3 else ''} were. Select only modules the model runs "
+        "for every batch: a module that runs only in later loop passes (a gate) is not used in a "
+        "batch whose data-dependent loop halted before them; leave it out of target_modules."
     )
 
 

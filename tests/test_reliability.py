@@ -592,3 +592,15 @@ def test_standard_errors_of_the_exact_estimator_name_the_projected_one(
             query_batches,
             with_standard_errors=True,
         )
+
+
+def test_a_selected_module_the_model_never_calls_is_named(model, train_batches):
+    model.extra = nn.Linear(12, 12)  # registered, never called by forward
+    est = ProjectedTracInSDI(
+        model=model, target_modules=[model.core, model.extra], projection_size=8
+    )
+    with pytest.raises(RuntimeError) as err:
+        est.featurize_loader(loader=train_batches, loss_fn=next_token_loss)
+    message = str(err.value)
+    assert "['extra.weight', 'extra.bias'] were never used in this batch's forward pass" in message
+    assert "leave it out of target_modules" in message and "no_grad" not in message
