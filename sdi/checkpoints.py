@@ -661,7 +661,13 @@ def load_checkpoint_into(
     where = (
         f"checkpoints[{index}] ({str(spec.path)!r})" if index is not None else repr(str(spec.path))
     )
-    checkpoint = _as_checkpoint_dict(load_checkpoint_fn(spec.path), where)
+    try:
+        loaded = load_checkpoint_fn(spec.path)
+    except (CorruptCheckpointError, PickledCheckpointError, FileNotFoundError) as err:
+        if index is None:
+            raise
+        raise type(err)(f"checkpoints[{index}]: {err}") from err  # which of the list
+    checkpoint = _as_checkpoint_dict(loaded, where)
     if spec.weight is not None:
         weight = float(spec.weight)
     else:

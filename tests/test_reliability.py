@@ -604,3 +604,11 @@ def test_a_selected_module_the_model_never_calls_is_named(model, train_batches):
     message = str(err.value)
     assert "['extra.weight', 'extra.bias'] were never used in this batch's forward pass" in message
     assert "leave it out of target_modules" in message and "no_grad" not in message
+
+
+def test_unreadable_checkpoints_are_named_by_index(tmp_path, model, train_batches, query_batches):
+    good = save_checkpoint(tmp_path / "good.pt", model)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for bad, error in ((tmp_path / "empty.pt", ValueError), (tmp_path / "gone.pt", OSError)):
+        with pytest.raises(error, match=rf"^checkpoints\[1\]: {re.escape(str(bad))}"):
+            _run(_est(model), [good, bad], train_batches, query_batches)
