@@ -40,26 +40,27 @@ def reference(tmp_path, model, train_batches, query_batches):
 # -- item 2: checkpoints as people save them ---------------------------------------------------
 
 
-class _Compiled(nn.Module):
-    """Keys as a ``torch.compile``d model's ``state_dict()`` has them (``_orig_mod.`` first)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self._orig_mod = model
+def _compiled_state(model):
+    """A ``torch.compile``d model's ``state_dict()``: every key prefixed ``_orig_mod.``."""
+    return torch.compile(model).state_dict()  # wrapping compiles nothing until it is called
 
 
 @pytest.mark.parametrize(
     "saved, said",
     [
-        (lambda m: _Compiled(m).state_dict(), "removed the prefix '_orig_mod.'"),
+        (_compiled_state, "removed the prefix '_orig_mod.'"),
+        (  # DistributedDataParallel's model.state_dict()
+            lambda m: {"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}},
+            "removed the prefix 'module.'",
+        ),
         (lambda m: {"model": m.state_dict(), "epoch": 3}, "under the key 'model'"),
         (lambda m: {"module": m.state_dict(), "step": 10}, "under the key 'module'"),
         (
-            lambda m: {"model": _Compiled(m).state_dict(), "epoch": 3},
+            lambda m: {"model": _compiled_state(m), "epoch": 3},
             "under the key 'model' (ignoring ['epoch']) and removed the prefix '_orig_mod.'",
         ),
     ],
-    ids=["orig_mod", "model-wrapper", "module-wrapper", "both"],
+    ids=["orig_mod", "ddp", "model-wrapper", "module-wrapper", "both"],
 )
 def test_unambiguous_checkpoints_load_saying_what_was_done(
     tmp_path, model, train_batches, query_batches, reference, saved, said
