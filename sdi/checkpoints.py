@@ -25,9 +25,9 @@ The weight ``eta_k`` of a :class:`CheckpointSpec` with ``weight=None``, first so
 3. 1.0.
 
 Weights and stored learning rates must be finite real numbers; anything else (NaN, inf, a string)
-is an error naming the checkpoint, never a silent 1.0. Loading restores weights that the file
-leaves out because the model ties them to another saved one (``save_pretrained`` drops, e.g.,
-ALBERT's ``predictions.decoder.weight``, tied to the word embeddings).
+is an error naming the checkpoint, never a silent 1.0. How the loaded weights go into the model
+(wrappers, key prefixes, tied weights, mismatches) is :mod:`sdi.state_dicts`;
+:func:`load_checkpoint_into` names the checkpoint (its index and path) in its errors.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import pickletools
 import struct
 import zipfile
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .state_dicts import MISMATCH_FIX, CheckpointMismatchError, CheckpointWarning
+from .state_dicts import default_load_model_state_dict as default_load_model_state_dict
+from .validation import warn_outside_package
 
 FOLDER_WEIGHT_FILES = (  # in the order a folder is searched, as transformers does
     "model.safetensors",
@@ -366,38 +369,6 @@ def _unsafe_globals(data: bytes, *, several: bool) -> list[str] | None:
     return found
 
 
-def _tied_aliases(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` plus each key the model ties to a key in ``state`` (one shared tensor) that
-    ``state`` leaves out, as ``save_pretrained`` does; ``state`` itself if none is missing."""
-    own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in state]
-    if not missing:
-        return state
-    by_tensor: dict[int, list[str]] = {}
-    for key, tensor in own.items():
-        by_tensor.setdefault(id(tensor), []).append(key)
-    filled = OrderedDict(state)
-    for key in missing:
-        twin = next((k for k in by_tensor[id(own[key])] if k in state), None)
-        if twin is not None:
-            filled[key] = state[twin]
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        filled._metadata = metadata
-    return filled
-
-
-def default_load_model_state_dict(model: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Load ``model_state_dict``, else ``state_dict``, else the checkpoint itself, into ``model``
-    (strictly, after restoring weights left out because the model ties them to a saved one)."""
-    state = checkpoint
-    for key in ("model_state_dict", "state_dict"):
-        if key in checkpoint:
-            state = checkpoint[key]
-            break
-    model.load_state_dict(_tied_aliases(model, state))
-
-
 def _first_group_lr(optimizer: Any, where: str) -> float | None:
     """The first parameter group's ``lr`` of an optimizer state dict (validated), or ``None``."""
     if not isinstance(optimizer, dict):
@@ -461,26 +432,69 @@ def eta_and_source(checkpoint: dict[str, Any], *, fallback: float = 1.0) -> tupl
     return _finite(fallback, "fallback"), "fallback"
 
 
+def _as_checkpoint_dict(checkpoint: Any, where: str) -> dict[str, Any]:
+    """What ``load_checkpoint_fn`` returned, as the dict the other two functions take: a whole
+    pickled model (``torch.save(model)``, loaded with ``weights_only=False``) becomes its
+    ``state_dict()``, with a :class:`CheckpointWarning`; anything else but a dict is refused."""
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    if isinstance(checkpoint, nn.Module):
+        warn_outside_package(
+            f"{where} is a whole pickled model ({type(checkpoint).__name__}): sdi loads its "
+            "state_dict(). Saving model.state_dict() instead gives a smaller file that loads "
+            "without running pickled code.",
+            CheckpointWarning,
+        )
+        return LoadedCheckpoint({"model_state_dict": checkpoint.state_dict()}, path=where)
+    raise TypeError(
+        f"{where}: load_checkpoint_fn returned a {type(checkpoint).__name__}; sdi needs a dict "
+        "(a state dict, or one holding 'model_state_dict') or a model. Save model.state_dict() "
+        "or return one of those from load_checkpoint_fn."
+    )
+
+
 def load_checkpoint_into(
     model: nn.Module,
     spec: CheckpointSpec,
     load_checkpoint_fn: Callable[[Any], dict[str, Any]],
     load_model_state_dict_fn: Callable[[nn.Module, dict[str, Any]], None],
     eta_from_checkpoint_fn: Callable[[dict[str, Any]], float],
+    index: int | None = None,
 ) -> float:
     """Load ``spec`` into ``model`` (then eval mode) and return its ``eta_k``, checked finite.
 
     ``spec.weight`` when given, else ``eta_from_checkpoint_fn`` of the loaded checkpoint -- a
     custom one's NaN or inf is an error naming the checkpoint, like a stored learning rate's.
+    ``index``, the checkpoint's place in ``checkpoints``, names it in errors with its path: weights
+    that do not fit the model (:class:`CheckpointMismatchError`, also for torch's own error from
+    a custom ``load_model_state_dict_fn``).
     """
-    checkpoint = load_checkpoint_fn(spec.path)
+    where = (
+        f"checkpoints[{index}] ({str(spec.path)!r})" if index is not None else repr(str(spec.path))
+    )
+    try:
+        loaded = load_checkpoint_fn(spec.path)
+    except (CorruptCheckpointError, PickledCheckpointError, FileNotFoundError) as err:
+        if index is None:
+            raise
+        raise type(err)(f"checkpoints[{index}]: {err}") from err  # which of the list
+    checkpoint = _as_checkpoint_dict(loaded, where)
     if spec.weight is not None:
         weight = float(spec.weight)
     else:
         weight = _finite(
             eta_from_checkpoint_fn(checkpoint), f"the weight (eta) of checkpoint {str(spec.path)!r}"
         )
-    load_model_state_dict_fn(model, checkpoint)
+    try:
+        load_model_state_dict_fn(model, checkpoint)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{where}: {err}") from err
+    except RuntimeError as err:
+        if "state_dict" not in str(err):  # torch's "Error(s) in loading state_dict for ..."
+            raise
+        raise CheckpointMismatchError(
+            f"{where}: its weights do not fit the model: {str(err).strip().rstrip('.')}. {MISMATCH_FIX}"
+        ) from err
     model.eval()
     return weight
 

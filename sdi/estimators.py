@@ -73,6 +73,7 @@ class _Estimator:
         batches, in order. With no process group ``gather_to`` is ignored.
         """
         self._featurizer = auto_core.resolved(self._featurizer, loader, loss_fn, "loader")
+        self._featurizer.start_call()
         with distributed.failures_shared(self._featurizer.device):
             return loaders.featurize_loader(
                 self._featurizer, loader, loss_fn, gather_to, estimator=self._identity
@@ -138,7 +139,7 @@ class _Estimator:
             self._featurizer = auto_core.resolved(
                 self._featurizer, query_loader, loss_fn, "query_loader"
             )
-            self._featurizer.check_open()
+            self._featurizer.start_call()
             return influence.influence_across_checkpoints(
                 self._featurizer, options, estimator=self._identity
             )
@@ -182,7 +183,7 @@ class _Estimator:
             self._featurizer = auto_core.resolved(
                 self._featurizer, query_loader, loss_fn, "query_loader"
             )
-            self._featurizer.check_open()
+            self._featurizer.start_call()
             top = topk.top_influences(self._featurizer, options, k, estimator=self._identity)
         # Outside the shared-failure scope: only the receiving rank(s) explain, in one process.
         if top is None or explain is False or explain is None:
@@ -230,7 +231,7 @@ class _Estimator:
         self._featurizer = auto_core.resolved(
             self._featurizer, query_loader, loss_fn, "query_loader"
         )
-        self._featurizer.check_open()
+        self._featurizer.start_call()
         return explain_pairs(self._featurizer, options, pairs)
 
 

@@ -20,9 +20,11 @@ paired example's feature as soon as it is computed and dropped, so memory is ``O
 one batch's features -- never ``(k, T, steps, m)``. The ``T`` masked passes are the simple, exact way
 for every rule; Linear / Embedding / bias rules could do it in one pass.
 
-Batches are counted without running the model: the examples of a batch are the leading dimension
-(``batch_first``, else the second) of its first tensor (a tensor, or the first tensor found in a
-dict / list / tuple). The featurised row count is checked against it.
+Batches are counted without running the model, but for the first batch of the call: the examples
+of a batch lie along one dimension of its first tensor (a tensor, or the first tensor found in a
+dict / list / tuple) -- the one whose size equals the batch the model saw in the first batch, as
+a sequence-first model (``batch_first=False``) may take batch-first inputs. The featurised row
+count of every featurised batch is checked against it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class _MaskedRules:
         if g.dim() < 2:
             raise ValueError(
                 f"{type(module).__name__}'s output has no position dimension (shape "
-                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...)"
+                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...); select "
+                "modules with a position dimension, or use by_parameter= of "
+                "influence_across_checkpoints for the split by weights alone"
             )
         self.lengths.add(g.shape[1])  # g is batch first here, positions next
         if self.position is not None:
@@ -84,39 +88,78 @@ def _featurize(featurizer, batch, loss_fn, sum_steps: bool, position: int | None
     if feats.shape[0] != size:
         raise ValueError(
             f"a batch's first tensor counts {size} examples but the model saw {feats.shape[0]}: "
-            "explain counts examples by the first tensor of a batch"
+            "explain counts examples along one dimension of each batch's first tensor, learnt from "
+            "the first batch; give every batch the same layout"
         )
     if len(rules.lengths) != 1:
         raise ValueError(
-            f"the selected modules' outputs have different position counts {sorted(rules.lengths)}"
+            f"the selected modules' outputs have different position counts {sorted(rules.lengths)}: "
+            "explain splits by position, so select modules that all see the same positions"
         )
     return feats, rules.lengths.pop()
 
 
-def _batch_size(batch: Any, batch_dim: int) -> int | None:
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    """A batch's first tensor: itself, or the first found in a dict / list / tuple (depth first)."""
     if torch.is_tensor(batch):
-        return int(batch.shape[batch_dim]) if batch.dim() > batch_dim else None
-    items = batch.values() if isinstance(batch, Mapping) else batch
+        return batch if batch.dim() > 0 else None
     if isinstance(batch, Mapping | list | tuple):
-        for item in items:
-            size = _batch_size(item, batch_dim)
-            if size is not None:
-                return size
+        for item in batch.values() if isinstance(batch, Mapping) else batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
     return None
 
 
+class _ExampleCounter:
+    """How many examples a batch holds, without running the model: a dimension of its first
+    tensor, learnt once per call from the first batch featurised.
+
+    The model's batch (what the selected modules saw, ``batch_first`` or not) need not be the
+    loader's: a sequence-first model (``batch_first=False``) often takes batch-first token ids
+    ``(B, T)`` and transposes them itself. The dimension of the first tensor whose size equals the
+    model's batch is used from then on -- ``batch_first``'s dimension when both fit.
+    """
+
+    def __init__(self, featurizer: Featurizer, loss_fn, batch_dim: int):
+        self.featurizer, self.loss_fn, self.batch_dim = featurizer, loss_fn, batch_dim
+        self.dim: int | None = None
+
+    def __call__(self, batch: Any, name: str) -> int:
+        first = _first_tensor(batch)
+        if first is None:
+            raise TypeError(
+                f"explain cannot count the examples of a {name} batch: it holds no tensor with a "
+                "batch dimension. Put a tensor of the examples first in each batch."
+            )
+        if self.dim is None:
+            seen = self.featurizer.compute_batch(batch, self.loss_fn, sum_steps=True)[0].shape[0]
+            fits = [d for d in (self.batch_dim, 1 - self.batch_dim) if d < first.dim()]
+            fits = [d for d in fits if first.shape[d] == seen]
+            if not fits:
+                raise ValueError(
+                    f"explain counts a batch's examples along a dimension of its first tensor, "
+                    f"shape {tuple(first.shape)}, but the model saw a batch of {seen} examples "
+                    f"(batch_first={self.featurizer.batch_first}): put a tensor with the examples "
+                    "along dimension 0 first in each batch of the loaders."
+                )
+            self.dim = fits[0]
+        if first.dim() <= self.dim:
+            raise ValueError(
+                f"a {name} batch's first tensor has shape {tuple(first.shape)}, but the first batch "
+                f"counted examples along dimension {self.dim}: give every batch the same layout"
+            )
+        return int(first.shape[self.dim])
+
+
 def _batches_with(
-    loader: Iterable[Any], wanted: set[int], batch_dim: int, name: str
+    loader: Iterable[Any], wanted: set[int], count: _ExampleCounter, name: str
 ) -> Iterator[tuple[Any, int, int]]:
     """``(batch, first row, size)`` of each batch of ``loader`` holding a row in ``wanted``,
     stopping after the last; raises naming ``name`` for a row the loader does not have."""
     last, start = max(wanted), 0
     for batch in loader:
-        size = _batch_size(batch, batch_dim)
-        if size is None:
-            raise TypeError(
-                f"explain cannot count the examples of a {name} batch: it holds no tensor"
-            )
+        size = count(batch, name)
         if any(start <= r < start + size for r in wanted):
             yield batch, start, size
         start += size
@@ -129,8 +172,8 @@ def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator
     """Load each checkpoint into the model (eval mode) and yield its weight; restore train mode."""
     model, was_training = featurizer.model, featurizer.model.training
     try:
-        for spec in tqdm(
-            options.checkpoints, desc=options.progress_desc, disable=not options.progress
+        for k, spec in enumerate(
+            tqdm(options.checkpoints, desc=options.progress_desc, disable=not options.progress)
         ):
             yield load_checkpoint_into(
                 model,
@@ -138,6 +181,7 @@ def _checkpoint_weights(featurizer: Featurizer, options: RunOptions) -> Iterator
                 options.load_checkpoint_fn,
                 options.load_model_state_dict_fn,
                 options.eta_from_checkpoint_fn,
+                index=k,
             )
     finally:
         model.train(was_training)
@@ -172,8 +216,8 @@ def explain(
     """
     pairs = _pairs(pairs)
     groups = parameter_groups(featurizer.blocks, options.by_parameter)
-    batch_dim = 0 if featurizer.batch_first else 1
     loss_fn = options.loss_fn
+    count = _ExampleCounter(featurizer, loss_fn, 0 if featurizer.batch_first else 1)
     totals: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def add(pair, key, value):
@@ -191,14 +235,14 @@ def explain(
         # Query features per step, then train features summed over steps: the pairs' partners.
         query, query_length = {}, {}
         for batch, start, size in _batches_with(
-            options.query_loader, query_rows, batch_dim, "query_loader"
+            options.query_loader, query_rows, count, "query_loader"
         ):
             feats, length = _featurize(featurizer, batch, loss_fn, False, None, size)
             for j in query_rows & set(range(start, start + size)):
                 query[j], query_length[j] = feats[j - start].clone(), length
         train = {}
         for batch, start, size in _batches_with(
-            options.train_loader, train_rows, batch_dim, "train_loader"
+            options.train_loader, train_rows, count, "train_loader"
         ):
             feats, length = _featurize(featurizer, batch, loss_fn, True, None, size)
             rows = train_rows & set(range(start, start + size))
@@ -218,7 +262,7 @@ def explain(
                 add(pair, "positions_train", weight * out)
         # Query side by position, against the train examples' full gradients.
         for batch, start, size in _batches_with(
-            options.query_loader, query_rows, batch_dim, "query_loader"
+            options.query_loader, query_rows, count, "query_loader"
         ):
             rows = query_rows & set(range(start, start + size))
             length = query_length[next(iter(rows))]

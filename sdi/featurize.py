@@ -18,11 +18,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .diagnose import (
+    SCALAR_SUM_LOSS,
+    never_ran_error,
+    no_step_warning,
+    root_selection_error,
+    unused_error,
+)
 from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import ExactRules, SketchRules, check_supported
+from .sizes import check_features_fit
 from .steps import StepPlan, plan_steps
+from .validation import warn_outside_package
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -52,10 +61,14 @@ class _Pass:
 def _check_loss(loss: Any) -> torch.Tensor:
     """``loss_fn``'s result, refused unless it is a scalar or a vector ``(B,)`` of ``B > 0``."""
     if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        raise TypeError(
+            f"loss_fn must return a tensor, got {type(loss).__name__}: return the per-example "
+            "losses, a tensor of shape (B,)"
+        )
     if loss.dim() > 1:
         raise ValueError(
-            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
+            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}: "
+            "reduce every dimension but the batch (per-token losses (B, T): .mean(dim=1))"
         )
     if loss.numel() == 0:
         raise ValueError(
@@ -149,18 +162,26 @@ class Featurizer:
 
         selected = _selected_params(list(target_modules))
         if not selected:
-            raise ValueError("target_modules hold no trainable parameters")
+            raise ValueError(
+                "target_modules hold no trainable parameters (all have requires_grad=False, or "
+                "the modules own none): select the modules whose parameters you want analysed, "
+                "with requires_grad=True"
+            )
         devices = {p.device for p in selected}
         if len(devices) > 1:
             raise ValueError(
-                f"selected parameters span several devices: {sorted(map(str, devices))}"
+                f"selected parameters span several devices: {sorted(map(str, devices))}: move "
+                "the model to one device (model.to(device)) before building the estimator"
             )
         names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(p, name)
         missing = [p for p in selected if p not in names]
         if missing:
-            raise ValueError("target_modules hold parameters that are not parameters of model")
+            raise ValueError(
+                "target_modules hold parameters that are not parameters of model: pass modules "
+                "of the very model object that loss_fn runs (not of a copy)"
+            )
 
         # Owning modules in model order: the order the hash tables are drawn in.
         selected_set = set(selected)
@@ -172,7 +193,9 @@ class Featurizer:
             for p in direct:
                 if p in owner:
                     raise ValueError(
-                        f"parameter {names[p]!r} is owned by two modules; this is not supported"
+                        f"parameter {names[p]!r} is owned by two selected modules ({owner[p][0]!r} "
+                        f"and {module_name!r}): sdi pairs each parameter with one module's calls. "
+                        "Select only one of them, or let one module own the parameter"
                     )
                 module_rules[module] = check_supported(
                     module, module_name, p, names[p], strict=strict, exact=projection_size is None
@@ -200,10 +223,13 @@ class Featurizer:
             )
             start += width
         self.width = start
+        self.projection_size = projection_size
         self._columns = {b.param: b.columns for b in self.blocks}
         self.device = next(iter(devices))
+        check_features_fit(**self._size_of_features())  # one example at one step must fit
         self._pass: _Pass | None = None
         self._closed = False
+        self._warned_scalar_sum = self._said_no_step = False  # once per call (start_call)
         self.hooks = HookManager(
             list(self._module_params),
             self._on_grad,
@@ -220,6 +246,12 @@ class Featurizer:
     def close(self) -> None:
         self.hooks.close()
         self._closed = True
+
+    def start_call(self) -> None:
+        """Begin one public call (``influence_across_checkpoints``, ...): check the estimator is
+        open, and let this call's once-per-call warnings be said again."""
+        self.check_open()
+        self._warned_scalar_sum = self._said_no_step = False
 
     def check_open(self) -> None:
         """``RuntimeError`` if :meth:`close` was called."""
@@ -249,12 +281,22 @@ class Featurizer:
         params = list(self.model.parameters())
         with requires_grad_set(params, False), self.hooks.capture() as log:
             per_example = _check_loss(loss_fn(self.model, batch))
-            plan = plan_steps(
-                log,
-                {b.name: b.module for b in self.blocks},
-                expected_steps=self.expected_steps,
-                allow_mixed_steps=self.allow_mixed_steps,
-            )
+            unused = {b.name: b.module for b in self.blocks if not log.uses.get(b.module)}
+            if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
+                return self._without_uses(unused, batch, loss_fn, per_example, sum_steps, on_losses)
+            try:
+                plan = plan_steps(
+                    log,
+                    {b.name: b.module for b in self.blocks},
+                    expected_steps=self.expected_steps,
+                    allow_mixed_steps=self.allow_mixed_steps,
+                )
+            except RuntimeError as err:
+                root = [b.name for b in self.blocks if b.module is self.model]
+                if root:
+                    why = "the root's one call spans every loop pass, so its use has no step"
+                    raise root_selection_error(self.model, root, why) from err
+                raise
             self.step_plan = plan
             if self.strict and log.mutated_buffers:
                 module, buffers = next(iter(log.mutated_buffers.items()))
@@ -266,7 +308,10 @@ class Featurizer:
                 )
             if len(log.batch_sizes) != 1:
                 raise RuntimeError(
-                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
+                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)} along "
+                    f"dimension {0 if self.batch_first else 1} of their outputs "
+                    f"(batch_first={self.batch_first}): every selected module must see the batch "
+                    "on that dimension; check batch_first, or select modules of one layout"
                 )
             B = log.batch_sizes.pop()
             _check_loss_length(per_example, B, self.batch_first)
@@ -278,14 +323,22 @@ class Featurizer:
             if on_losses is not None:
                 on_losses(per_example.detach().expand(B))
             if per_example.dim() == 0:
+                if self.loss_reduction == "sum" and not self._warned_scalar_sum:
+                    self._warned_scalar_sum = True
+                    warn_outside_package(SCALAR_SUM_LOSS, UserWarning)
                 loss = per_example
             else:
                 loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
             shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
+            check_features_fit(
+                **self._size_of_features(), batch=B, steps=1 if sum_steps else plan.steps
+            )
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
             if not loss.requires_grad:
                 raise RuntimeError(
-                    "the loss does not depend on the outputs of the selected modules"
+                    "the loss does not depend on the outputs of the selected modules: loss_fn "
+                    "must compute the loss from this call of the model (not a detached or cached "
+                    "value), through the target_modules"
                 )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
             # Rules with step sums hash each parameter once per pass instead of once per use.
@@ -300,6 +353,45 @@ class Featurizer:
                 for p, feature in sums.sketches():
                     out[:, self._columns[p]] += feature
         return out, plan.steps
+
+    def _size_of_features(self) -> dict:
+        """What :func:`sdi.sizes.check_features_fit` needs besides the batch and steps."""
+        return dict(
+            width=self.width,
+            params=len(self.blocks),
+            projection_size=self.projection_size,
+            device=self.device,
+        )
+
+    def _without_uses(self, unused, batch, loss_fn, per_example, sum_steps, on_losses):
+        """Features of a batch in which the selected parameters in ``unused`` saw no use: an
+        error saying why (:func:`sdi.diagnose.unused_error`), or, when no selected module ran at
+        all (a loop halted before its first step), zero features ``(B, [steps,] D)``."""
+        with self.hooks.paused():
+            error = unused_error(self.model, unused, lambda: loss_fn(self.model, batch))
+        if error is not None:
+            raise error
+        if len(unused) < len(self.blocks):
+            raise never_ran_error(
+                list(unused), [b.name for b in self.blocks if b.name not in unused]
+            )
+        if per_example.dim() == 0:
+            raise ValueError(
+                "no selected module ran for this batch and loss_fn returned a scalar, so its "
+                "number of examples is unknown: return per-example losses (B,)"
+            )
+        batch_size = per_example.shape[0]
+        last = self.step_plan.steps if self.step_plan is not None else 0
+        steps = self.expected_steps if self.expected_steps is not None else last
+        if not self._said_no_step:
+            self._said_no_step = True
+            warn_outside_package(no_step_warning(batch_size, steps), RuntimeWarning)
+        if on_losses is not None:
+            on_losses(per_example.detach())
+        modules = {b.module: [] for b in self.blocks}
+        self.step_plan = StepPlan(steps, modules, [f"pass {t}" for t in range(steps)])
+        shape = (batch_size, self.width) if sum_steps else (batch_size, steps, self.width)
+        return torch.zeros(shape, dtype=torch.float32, device=self.device), steps
 
     @torch.no_grad()
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:

@@ -87,7 +87,8 @@ def influence_across_checkpoints(
     """
     if options.with_standard_errors and featurizer.rules.exact:
         raise ValueError(
-            "with_standard_errors=True is for sketched estimates; exact ones have none"
+            "with_standard_errors=True is for sketched estimates; exact ones have none: use "
+            "ProjectedTracInSDI, or drop with_standard_errors"
         )
     sharding = distributed.sharding_of(options.train_loader, featurizer.device, options.gather_to)
     errors_of = None
@@ -138,7 +139,11 @@ def checkpoint_scores(
         if options.with_step_matrix:
             train_steps.add(steps)
             if len(train_steps) > 1:
-                raise ValueError(f"train batches have different step counts: {sorted(train_steps)}")
+                raise ValueError(
+                    f"train batches have different step counts {sorted(train_steps)} (a "
+                    "data-dependent loop?): with_step_matrix needs one step count; pass "
+                    "expected_steps= to check it, or drop with_step_matrix"
+                )
             _put(blocks, j0, "sdi_matrix", step_matrix(feats, query, *options.chunks))
             feats = feats.sum(dim=1)
         contract = query_sdi if sdi else tracin

@@ -75,7 +75,11 @@ def query_chunks(
     for feats, s in batch_features(featurizer, loader, loss_fn, per_step=per_step, report=report):
         steps.add(s)
         if per_step and len(steps) > 1:
-            raise ValueError(f"query batches have different step counts: {sorted(steps)}")
+            raise ValueError(
+                f"query batches have different step counts {sorted(steps)} (a data-dependent "
+                "loop?): SDI per step needs one count for the query set; put batches of one "
+                "count in each call, or use mode='tracin' (summed over steps)"
+            )
         parts.append(feats)
         held += feats.numel() * feats.element_size()
         if held >= max_bytes:
@@ -86,7 +90,10 @@ def query_chunks(
     if parts:
         yield offset, torch.cat(parts)
     elif offset == 0:
-        raise ValueError("query_loader yielded no batches")
+        raise ValueError(
+            "query_loader yielded no batches: an empty dataset, or a DataLoader with "
+            "drop_last=True and fewer examples than batch_size?"
+        )
 
 
 def count_batches(loader: Iterable[Any]) -> int | None:
@@ -146,7 +153,10 @@ def featurize_loader(
         model.train(was_training)
     steps = {p.shape[1] for p in parts}
     if len(steps) > 1:
-        raise ValueError(f"batches of one loader have different step counts: {sorted(steps)}")
+        raise ValueError(
+            f"batches of one loader have different step counts {sorted(steps)} (a data-dependent "
+            "loop?): features per step need one count; featurise batches of one count per call"
+        )
     rows = sharding.gather(
         {"phi": torch.cat(parts)} if parts else {}, counts=[p.shape[0] for p in parts]
     )

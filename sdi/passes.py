@@ -99,6 +99,7 @@ def checkpoint_passes(
                 options.load_checkpoint_fn,
                 options.load_model_state_dict_fn,
                 options.eta_from_checkpoint_fn,
+                index=k,
             )
             store = None
             if options.train_store is not None:

@@ -92,7 +92,7 @@ def plan_steps(
     if unused:
         raise RuntimeError(
             f"selected parameters never used in the forward pass: {unused[:20]}. Pass only modules "
-            "the model runs, and do not run the loss under torch.no_grad()."
+            "the model runs, with gradients on (sdi.diagnose names the cause when featurising)."
         )
     distinct = sorted(set(counts.values()))
     loop_steps = distinct[-1]

@@ -279,7 +279,7 @@ def test_one_process_store_identity_and_folder_are_pinned(
             "projection_size": 16,
             "params": names,
             "widths": [16] * len(names),
-            "checkpoint": {"file": "ck.pt", "sha256": sha},
+            "checkpoint": {"sha256": sha},
             "layout": layout,
             "dtype": "float32",
             "sdi_version": sdi.__version__,

@@ -110,14 +110,16 @@ def store_identity(
     ``sharding``: adds the rank and world size of a sharded run; ``inputs``: the other inputs of
     the features (the model's structure, the ``loss_fn``, the featurizer's settings:
     :func:`sdi.passes.feature_inputs`). The train batches are checked batch by batch instead
-    (:func:`read_or_compute`).
+    (:func:`read_or_compute`). ``checkpoint_path`` is not part of it: a copied or renamed
+    checkpoint has the same content, so the same features.
     """
     return {
         **estimator,
         **inputs,
         "params": [b.name for b in blocks],
         "widths": [b.columns.stop - b.columns.start for b in blocks],
-        "checkpoint": {"file": Path(str(checkpoint_path)).name, "sha256": digest},
+        # The content alone: a copied or renamed checkpoint serves the same store.
+        "checkpoint": {"sha256": digest},
         "layout": layout,
         "dtype": "float32",
         "sdi_version": __version__,
