@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdi-installed
 
-.PHONY: demo test lint format bench bench-accuracy kernel-report clean
+.PHONY: demo test lint format bench bench-accuracy bench-paper kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 # side (0.1.1 runs in its own venv: $SDI_REFERENCE_PYTHON, else bench/.venv-reference is created).
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy/accuracy.py
+
+# The paper's headline figures at its own scale (bench/paper/paper.py; < 40 min on 2 CPU cores):
+# the 135M looped GPT, errors over 10 sketch seeds against an exact oracle, cost of one call, the
+# open model choices -> bench/results/paper.md. On a GPU: `make bench-paper PAPER_ARGS="--device cuda"`.
+bench-paper: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/paper/paper.py --command "$(strip make bench-paper $(PAPER_ARGS))" $(PAPER_ARGS)
 
 # Compile every Triton kernel for sm_90a / sm_100a on this CPU (no GPU, no network): registers,
 # spills, shared memory, occupancy, roofline -> bench/results/kernels.md.

@@ -41,11 +41,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # model.py, ...; this checkout's sdi first
 from model import CHOICES, PaperConfig, build, next_token_loss, random_sequences  # noqa: E402
 from oracle import exact_influence  # noqa: E402
 from seeds import per_seed_features  # noqa: E402
 
+import sdi  # noqa: E402
 from sdi import CheckpointSpec, ProjectedTracInSDI  # noqa: E402
 
 PAPER = {"sdi": (0.0388, 0.0030), "tracin": (0.0220, 0.0052)}
@@ -54,6 +55,7 @@ N_SEQ = 4
 SCALES = {
     "paper": PaperConfig(),
     "small": PaperConfig(d_model=256, n_heads=4, loop_steps=8),
+    "reduced": PaperConfig(vocab=8192, d_model=128, n_heads=4, loop_steps=8),
     "tiny": PaperConfig(vocab=512, d_model=64, n_heads=4, loop_steps=4, seq_len=32),
 }
 
@@ -163,40 +165,66 @@ def accuracy(config: PaperConfig, device, seeds, progress=log) -> dict:
     )
 
 
-def cost(acc: dict, device, tmp: Path, twice: bool) -> dict:
-    """One public projected call (once, and featurised twice), plain forward, forward + backward."""
+def cost(acc: dict, device, tmp: Path, twice: bool, repeats: int = 1) -> dict:
+    """One public projected call featurising the set once (and, with ``twice``, the same call with
+    the set passed as two loaders), a plain forward, a plain forward + backward. With ``repeats``
+    > 1, a warm-up call first and then the calls in turn ``repeats`` times: the median time and
+    the highest peak of each."""
     model, tokens = acc["model"], acc["tokens"]
     meter = Meter(device)
     path = tmp / "checkpoint.pt"
     torch.save({"model_state_dict": model.state_dict()}, path)
     loader = [{"tokens": tokens}]
-    out = {}
-    once, out["once"] = meter(lambda: projected_call(model, path, loader, loader))
-    out["once_outputs"] = once
-    log(f"projected call (featurised once): {out['once']['s']:.0f} s")
+
+    def train_step():
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        next_token_loss(model, {"tokens": tokens}).sum().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def forward():
+        with torch.no_grad():
+            model(tokens)
+
+    calls = {
+        "once": lambda: projected_call(model, path, loader, loader),
+        "forward": forward,
+        "forward_backward": train_step,
+    }
+    if twice:
+        calls["twice"] = lambda: projected_call(model, path, loader, list(loader))
+    if repeats > 1:
+        calls["once"]()  # warm-up
+    runs = {name: [] for name in calls}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            results[name], c = meter(fn)
+            runs[name].append(c)
+            log(f"{name}: {c['s']:.1f} s")
+    out = {
+        name: {
+            "s": statistics.median(c["s"] for c in cs),
+            "peak": max(c["peak"] for c in cs),
+            "before": min(c["before"] for c in cs),
+        }
+        for name, cs in runs.items()
+    }
+    once = out["once_outputs"] = results["once"]
     out["seed0_vs_public"] = relative_error(acc["first_seed_sdi"], once.sdi)
     out["error_public"] = {
         "sdi": relative_error(once.sdi, acc["exact"].sdi),
         "tracin": relative_error(once.tracin, acc["exact"].tracin),
     }
-    with torch.no_grad():
-        _, out["forward"] = meter(lambda: model(tokens))
-    log(f"plain forward: {out['forward']['s']:.0f} s")
-
-    def train_step():
-        for p in model.parameters():
-            p.grad = None
-        next_token_loss(model, {"tokens": tokens}).sum().backward()
-
-    for p in model.parameters():
-        p.requires_grad_(True)
-    _, out["forward_backward"] = meter(train_step)
-    for p in model.parameters():
-        p.grad = None
-    log(f"plain forward + backward: {out['forward_backward']['s']:.0f} s")
     if twice:
-        out.update(_twice(acc, device, tmp, once))
+        out["bitwise"] = _bitwise(once, results["twice"])
     return out
+
+
+def _bitwise(a, b) -> bool:
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("sdi", "tracin"))
 
 
 def machine() -> str:
@@ -211,6 +239,7 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{cpu}{gpu}; torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"sdi from {Path(sdi.__file__).parent}, "
         f"load average before the run {os.getloadavg()[0]:.1f}"
     )
 
@@ -321,7 +350,8 @@ def report(args, config, main: dict, costs: dict | None, choices: list, small_co
         c = small_costs
         lines += [
             "",
-            f"At `--choices-scale {args.choices_scale}` (defaults): self-influence call "
+            f"At `--choices-scale {args.choices_scale}` (defaults; after a warm-up call, median of "
+            "3 rounds of the calls in turn): self-influence call "
             f"{c['once']['s']:.1f} s, featurised twice {c['twice']['s']:.1f} s "
             f"({c['twice']['s'] / c['once']['s']:.2f}x), plain forward + backward "
             f"{c['forward_backward']['s']:.1f} s; outputs bitwise equal: {c['bitwise']}.",
@@ -333,7 +363,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", choices=list(SCALES), default="paper")
-    parser.add_argument("--choices-scale", choices=[*SCALES, "none"], default="small")
+    parser.add_argument("--choices-scale", choices=[*SCALES, "none"], default="reduced")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--skip-twice", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "paper.md")
@@ -370,7 +400,7 @@ def main() -> None:
                 acc = accuracy(dataclasses.replace(small, **change), device, args.seed_list)
                 state["choices"].append((name, acc["errors"]))
                 if name == "defaults":
-                    state["small_costs"] = cost(acc, device, Path(tmp), twice=True)
+                    state["small_costs"] = cost(acc, device, Path(tmp), twice=True, repeats=3)
                 write()
         if not args.skip_twice:
             log("the paper-scale call with the set featurised twice")
@@ -383,13 +413,11 @@ def main() -> None:
 def _twice(acc: dict, device, tmp: Path, once) -> dict:
     """The public call with the set passed as two loaders (featurised twice), its outputs checked
     bitwise against ``once``, the call that featurised it once."""
-    meter = Meter(device)
     path = tmp / "checkpoint.pt"
     loader = [{"tokens": acc["tokens"]}]
-    two, twice = meter(lambda: projected_call(acc["model"], path, loader, list(loader)))
-    bitwise = all(torch.equal(getattr(once, k), getattr(two, k)) for k in ("sdi", "tracin"))
+    two, twice = Meter(device)(lambda: projected_call(acc["model"], path, loader, list(loader)))
     log(f"projected call (featurised twice): {twice['s']:.0f} s")
-    return {"twice": twice, "bitwise": bitwise}
+    return {"twice": twice, "bitwise": _bitwise(once, two)}
 
 
 if __name__ == "__main__":
