@@ -154,3 +154,28 @@ def test_non_finite_rows_are_reported_for_both_sides(tmp_path):
         outputs_of("projected", model, specs, batches, batches)
     loaders = {str(w.message).split(":")[0] for w in caught}
     assert loaders == {"query_loader", "train_loader"}
+
+
+def test_top_influences_of_a_set_with_itself(tmp_path):
+    """top_influences' two passes (TracIn, then the selected pairs' SDI) each featurise the set once."""
+    model = tiny_model()
+    specs = two_checkpoints(tmp_path, 1.0, -0.5)[2]
+    batches = random_token_batches(7, 3, SEQ, VOCAB, seed=26)
+    results = {}
+    for name, query in (("twice", list(batches)), ("once", batches)):
+        est, counter = estimator("projected", model), ForwardCounter(model)
+        results[name] = est.top_influences(
+            k=2,
+            checkpoints=specs,
+            train_loader=batches,
+            query_loader=query,
+            loss_fn=next_token_loss,
+        )
+        results[name + " calls"] = counter.calls
+        counter.close()
+        est.close()
+    for f in dataclasses.fields(results["once"]):
+        a, b = getattr(results["once"], f.name), getattr(results["twice"], f.name)
+        assert a is None and b is None or torch.equal(a, b), f.name
+    # 2 passes x 2 checkpoints x 3 batches, featurised once instead of twice
+    assert results["twice calls"] == 2 * results["once calls"] == 2 * 2 * 2 * 3
