@@ -1,7 +1,8 @@
 """The paper's headline figures at its own scale (arXiv 2602.10097): accuracy and cost.
 
-    python bench/paper/paper.py [--device cpu|cuda] [--scale paper|small|tiny] [--seeds 10]
-                                [--choices-scale small|tiny|none] [--skip-twice] [--out FILE]
+    python bench/paper/paper.py [--device cpu|cuda] [--scale paper|...|tiny] [--seeds 10]
+                                [--choices-scale reduced|small|tiny|none] [--skip-twice]
+                                [--set CHOICE=VALUE ...] [--accuracy-only] [--out FILE]
 
 At ``--scale paper``: the 135M looped GPT of ``model.py`` (tau = 32, seq 128, FP32, init std 0.02),
 4 random sequences as both train and query set, one checkpoint, ``ProjectedTracInSDI`` with
@@ -263,6 +264,12 @@ def report(args, config, main: dict, costs: dict | None, choices: list, small_co
         f"{main['body_tensors']} tensors; {N_SEQ} random sequences as both train and query set, one "
         f"checkpoint, `ProjectedTracInSDI(projection_size={M})` on `model.recurrent`.",
         "",
+        "Choices the paper leaves open (`model.py`; the defaults are the first of each): "
+        "positions `learned` absolute (GPT-2) or `none`; the loop's start state `prelude` (the "
+        "prelude's output), `zeros` or `noise` (a fixed N(0, 1) draw); the injection adapter "
+        "`concat`, `Linear(2d -> d)(concat(state, prelude_out))`, or `add`, "
+        "`state + Linear(d -> d)(prelude_out)`.",
+        "",
         "## Accuracy against the exact oracle",
         "",
         "Relative error `||est - exact||_F / ||exact||_F` over every entry of the SDI tensor "
@@ -366,6 +373,16 @@ def main() -> None:
     parser.add_argument("--choices-scale", choices=[*SCALES, "none"], default="reduced")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--skip-twice", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="CHOICE=VALUE",
+        help="change an open choice of the --scale model (e.g. loop_start=zeros); repeatable",
+    )
+    parser.add_argument(
+        "--accuracy-only", action="store_true", help="stop after the errors (no cost, no choices)"
+    )
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "paper.md")
     parser.add_argument("--command", default="python " + " ".join(sys.argv))
     args = parser.parse_args()
@@ -374,7 +391,11 @@ def main() -> None:
     args.date = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
     args.machine, args.start, args.finished = machine(), time.perf_counter(), False
     device = torch.device(args.device)
-    config = SCALES[args.scale]
+    changes = dict(item.split("=", 1) for item in args.set)
+    unknown = set(changes) - set(CHOICES)
+    if unknown:
+        parser.error(f"--set takes the open choices {sorted(CHOICES)}, not {sorted(unknown)}")
+    config = dataclasses.replace(SCALES[args.scale], **changes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = {"costs": None, "choices": [], "small_costs": None}
 
@@ -385,6 +406,10 @@ def main() -> None:
     log(f"accuracy at --scale {args.scale}: {config.describe()}")
     main_acc = accuracy(config, device, args.seed_list)
     write()
+    if args.accuracy_only:
+        args.finished = True
+        write()
+        return
     with tempfile.TemporaryDirectory() as tmp:
         state["costs"] = cost(main_acc, device, Path(tmp), twice=False)
         write()
