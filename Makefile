@@ -32,7 +32,8 @@ bench-accuracy: $(STAMP)
 # the 135M looped GPT, errors over 10 sketch seeds against an exact oracle, cost of one call, the
 # open model choices -> bench/results/paper.md. On a GPU: `make bench-paper PAPER_ARGS="--device cuda"`.
 bench-paper: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/paper/paper.py --command "$(strip make bench-paper $(PAPER_ARGS))" $(PAPER_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/paper/paper.py --also adapter=add \
+		--command "$(strip make bench-paper $(PAPER_ARGS))" $(PAPER_ARGS)
 
 # Compile every Triton kernel for sm_90a / sm_100a on this CPU (no GPU, no network): registers,
 # spills, shared memory, occupancy, roofline -> bench/results/kernels.md.

@@ -249,7 +249,7 @@ def mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.0f} MiB"
 
 
-def report(args, config, main: dict, costs: dict | None, choices: list, small_costs) -> str:
+def report(args, config, main: dict, costs: dict | None, choices: list, small_costs, also) -> str:
     lines = [
         "# The paper's headline figures at its own scale",
         "",
@@ -353,6 +353,27 @@ def report(args, config, main: dict, costs: dict | None, choices: list, small_co
                 f"| {name} | {s[0]:.4f} ± {s[1]:.4f} | {t[0]:.4f} ± {t[1]:.4f} | "
                 f"{s[0] / base - 1:+.0%} |"
             )
+    if also:
+        base = mean_std(main["errors"]["sdi"])[0]
+        lines += [
+            "",
+            f"## Open choices at `--scale {args.scale}` (`--also`)",
+            "",
+            "The same run's model with one choice changed: its own oracle and seeds.",
+            "",
+            "| choice | SDI error | TracIn error | SDI change |",
+            "|---|---:|---:|---:|",
+            f"| {config.describe().split('seq_len=')[1].split(', ', 1)[1]} (above) | "
+            f"{base:.4f} ± {mean_std(main['errors']['sdi'])[1]:.4f} | "
+            f"{mean_std(main['errors']['tracin'])[0]:.4f} ± "
+            f"{mean_std(main['errors']['tracin'])[1]:.4f} | +0% |",
+        ]
+        for name, errors in also:
+            s, t = mean_std(errors["sdi"]), mean_std(errors["tracin"])
+            lines.append(
+                f"| {name} | {s[0]:.4f} ± {s[1]:.4f} | {t[0]:.4f} ± {t[1]:.4f} | "
+                f"{s[0] / base - 1:+.0%} |"
+            )
     if small_costs is not None:
         c = small_costs
         lines += [
@@ -381,6 +402,13 @@ def main() -> None:
         help="change an open choice of the --scale model (e.g. loop_start=zeros); repeatable",
     )
     parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="CHOICE=VALUE",
+        help="after everything else, the errors of the --scale model with this choice changed",
+    )
+    parser.add_argument(
         "--accuracy-only", action="store_true", help="stop after the errors (no cost, no choices)"
     )
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "paper.md")
@@ -392,12 +420,14 @@ def main() -> None:
     args.machine, args.start, args.finished = machine(), time.perf_counter(), False
     device = torch.device(args.device)
     changes = dict(item.split("=", 1) for item in args.set)
-    unknown = set(changes) - set(CHOICES)
-    if unknown:
-        parser.error(f"--set takes the open choices {sorted(CHOICES)}, not {sorted(unknown)}")
+    also = [dict([item.split("=", 1)]) for item in args.also]
+    for change in [changes, *also]:
+        for name, value in change.items():
+            if value not in CHOICES.get(name, ()):
+                parser.error(f"{name}={value} is not an open choice: {CHOICES}")
     config = dataclasses.replace(SCALES[args.scale], **changes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {"costs": None, "choices": [], "small_costs": None}
+    state = {"costs": None, "choices": [], "small_costs": None, "also": []}
 
     def write():
         args.out.write_text(report(args, config, main_acc, **state))
@@ -431,6 +461,14 @@ def main() -> None:
             log("the paper-scale call with the set featurised twice")
             once = state["costs"]["once_outputs"]
             state["costs"] = {**state["costs"], **_twice(main_acc, device, Path(tmp), once)}
+            write()
+    for change in also:
+        name = ", ".join(f"{k}={v}" for k, v in change.items())
+        log(f"accuracy at --scale {args.scale} with {name}")
+        acc = accuracy(dataclasses.replace(config, **change), device, args.seed_list)
+        state["also"].append((name, acc["errors"]))
+        del acc
+        write()
     args.finished = True
     write()
 
@@ -438,7 +476,8 @@ def main() -> None:
 def _twice(acc: dict, device, tmp: Path, once) -> dict:
     """The public call with the set passed as two loaders (featurised twice), its outputs checked
     bitwise against ``once``, the call that featurised it once."""
-    path = tmp / "checkpoint.pt"
+    path = tmp / "twice.pt"  # this model's own file: another scale's cost() wrote checkpoint.pt
+    torch.save({"model_state_dict": acc["model"].state_dict()}, path)
     loader = [{"tokens": acc["tokens"]}]
     two, twice = Meter(device)(lambda: projected_call(acc["model"], path, loader, list(loader)))
     log(f"projected call (featurised twice): {twice['s']:.0f} s")
