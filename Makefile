@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdi-installed
 
-.PHONY: demo demo-cli test lint format bench bench-accuracy bench-store kernel-report clean
+.PHONY: demo demo-cli test lint format bench bench-accuracy bench-store bench-paper kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench-accuracy: $(STAMP)
 bench-store: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) bench/speed/store_scale.py --out $(BENCH_RESULTS)/store_scale.md \
 		--command "make bench-store"
+
+# The paper's headline figures at its own scale (bench/paper/paper.py; < 40 min on 2 CPU cores):
+# the 135M looped GPT, errors over 10 sketch seeds against an exact oracle, cost of one call, the
+# open model choices -> bench/results/paper.md. On a GPU: `make bench-paper PAPER_ARGS="--device cuda"`.
+bench-paper: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/paper/paper.py --also adapter=add \
+		--command "$(strip make bench-paper $(PAPER_ARGS))" $(PAPER_ARGS)
 
 # Compile every Triton kernel for sm_90a / sm_100a on this CPU (no GPU, no network): registers,
 # spills, shared memory, occupancy, roofline -> bench/results/kernels.md.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,8 +53,8 @@ class _Pass:
     """State of the backward pass in flight."""
 
     plan: StepPlan
-    out: torch.Tensor  # (B, steps, D), or (B, D) when summing over steps
-    sum_steps: bool
+    out: torch.Tensor | None  # (B, steps, D) per step, if wanted
+    out_sum: torch.Tensor | None  # (B, D) summed over steps, if wanted
     scale: float
     sums: Any = None  # the rules' step-sum accumulator when summing over steps, if they have one
 
@@ -276,6 +277,34 @@ class Featurizer:
         the detached per-example losses ``(B,)`` (a scalar loss repeated ``B`` times): for the
         report of non-finite losses (:class:`sdi.validation.NonFiniteRows`).
         """
+        per_step, summed, steps = self._compute(batch, loss_fn, not sum_steps, sum_steps, on_losses)
+        return (summed if sum_steps else per_step), steps
+
+    def compute_batch_both(
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        *,
+        on_losses: Callable[[torch.Tensor], Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``((B, steps, D), (B, D), steps)``: both results of :meth:`compute_batch` from one
+        forward and backward, each bitwise equal to its own call (``sum_steps=False`` / ``True``).
+
+        Every use is featurised both ways, as each call would do it (per-use features into the
+        per-step tensor, and the rules' step sums -- with their own gradient buffers -- for the
+        sum): only the forward and backward are shared. For a set that is both train and query.
+        """
+        return self._compute(batch, loss_fn, True, True, on_losses)
+
+    def _compute(
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        per_step: bool,
+        summed: bool,
+        on_losses: Callable[[torch.Tensor], Any] | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """``(per-step features or None, summed features or None, steps)`` of one batch."""
         self.check_open()
         # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
         params = list(self.model.parameters())
@@ -283,7 +312,7 @@ class Featurizer:
             per_example = _check_loss(loss_fn(self.model, batch))
             unused = {b.name: b.module for b in self.blocks if not log.uses.get(b.module)}
             if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
-                return self._without_uses(unused, batch, loss_fn, per_example, sum_steps, on_losses)
+                return self._without_uses(unused, batch, loss_fn, per_example, per_step, summed, on_losses)
             try:
                 plan = plan_steps(
                     log,
@@ -329,11 +358,12 @@ class Featurizer:
                 loss = per_example
             else:
                 loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
-            shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
-            check_features_fit(
-                **self._size_of_features(), batch=B, steps=1 if sum_steps else plan.steps
-            )
-            out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            # Per-step features, the step sum, or both (a set that is both train and query).
+            steps_held = (plan.steps if per_step else 0) + (1 if summed else 0)
+            check_features_fit(**self._size_of_features(), batch=B, steps=steps_held)
+            zeros = partial(torch.zeros, dtype=torch.float32, device=self.device)
+            out = zeros(B, plan.steps, self.width) if per_step else None
+            out_sum = zeros(B, self.width) if summed else None
             if not loss.requires_grad:
                 raise RuntimeError(
                     "the loss does not depend on the outputs of the selected modules: loss_fn "
@@ -341,18 +371,19 @@ class Featurizer:
                     "value), through the target_modules"
                 )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
-            # Rules with step sums hash each parameter once per pass instead of once per use.
-            step_sums = getattr(self.rules, "step_sums", None) if sum_steps else None
-            sums = step_sums() if step_sums is not None else None
-            self._pass = _Pass(plan, out, sum_steps, scale, sums)
+            # Rules with step sums hash each parameter once per pass instead of once per use;
+            # next to per-step features they sum into buffers of their own (``separate``).
+            step_sums = getattr(self.rules, "step_sums", None) if summed else None
+            sums = step_sums(separate=per_step) if step_sums is not None else None
+            self._pass = _Pass(plan, out, out_sum, scale, sums)
             try:
                 loss.backward()
             finally:
                 self._pass = None
             if sums is not None:
                 for p, feature in sums.sketches():
-                    out[:, self._columns[p]] += feature
-        return out, plan.steps
+                    out_sum[:, self._columns[p]] += feature
+        return out, out_sum, plan.steps
 
     def _size_of_features(self) -> dict:
         """What :func:`sdi.sizes.check_features_fit` needs besides the batch and steps."""
@@ -363,10 +394,11 @@ class Featurizer:
             device=self.device,
         )
 
-    def _without_uses(self, unused, batch, loss_fn, per_example, sum_steps, on_losses):
+    def _without_uses(self, unused, batch, loss_fn, per_example, per_step, summed, on_losses):
         """Features of a batch in which the selected parameters in ``unused`` saw no use: an
         error saying why (:func:`sdi.diagnose.unused_error`), or, when no selected module ran at
-        all (a loop halted before its first step), zero features ``(B, [steps,] D)``."""
+        all (a loop halted before its first step), zero features as :meth:`_compute` returns
+        them: ``((B, steps, D) or None, (B, D) or None, steps)``."""
         with self.hooks.paused():
             error = unused_error(self.model, unused, lambda: loss_fn(self.model, batch))
         if error is not None:
@@ -390,8 +422,10 @@ class Featurizer:
             on_losses(per_example.detach())
         modules = {b.module: [] for b in self.blocks}
         self.step_plan = StepPlan(steps, modules, [f"pass {t}" for t in range(steps)])
-        shape = (batch_size, self.width) if sum_steps else (batch_size, steps, self.width)
-        return torch.zeros(shape, dtype=torch.float32, device=self.device), steps
+        zeros = partial(torch.zeros, dtype=torch.float32, device=self.device)
+        out = zeros(batch_size, steps, self.width) if per_step else None
+        out_sum = zeros(batch_size, self.width) if summed else None
+        return out, out_sum, steps
 
     @torch.no_grad()
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
@@ -406,10 +440,13 @@ class Featurizer:
             activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
         params = self._module_params[module]
         batch_dim = 0 if self.batch_first else 1
+        # The sum takes per-use features only where the rules keep no step sums (exact rules).
+        sum_per_use = state.out_sum is not None and state.sums is None
         try:
             with self.hooks.paused():  # a rule may re-run the module's forward
                 if state.sums is not None:
                     state.sums.add(module, params, activations, grad, call, batch_dim)
+                if state.out is None and not sum_per_use:
                     return
                 features = self.rules.features(module, params, activations, grad, call, batch_dim)
         except RuntimeError as err:  # name the culprit: the rules know the module, not its name
@@ -418,9 +455,9 @@ class Featurizer:
         slot = state.plan.slots[module][use]
         for p, feature in zip(params, features, strict=True):
             columns = self._columns[p]
-            if state.sum_steps:
-                state.out[:, columns] += feature
-            else:
+            if sum_per_use:
+                state.out_sum[:, columns] += feature
+            if state.out is not None:
                 state.out[:, slot, columns] += feature
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:

@@ -1,7 +1,8 @@
 """The checkpoint loop: per checkpoint, load it, then pair every query chunk with every train batch.
 
 Per checkpoint the query set is featurised once (in chunks of at most ``max_query_bytes``), then the
-train set is streamed batch by batch (:class:`sdi.train_stream.TrainStream`) once per query chunk;
+train set is streamed batch by batch (:class:`sdi.train_stream.TrainStream`) once per query chunk
+-- or, when the two loaders are one object, the set is featurised once for both (:mod:`sdi.self_influence`);
 the consumer contracts each :class:`Pair` and drops it, so memory beyond the model is the query
 features and the output.
 """
@@ -21,6 +22,7 @@ from .featurize import Featurizer, LossFn
 from .fingerprints import checkpoint_fingerprint, loss_fn_fingerprint, model_fingerprint
 from .loaders import count_batches, query_chunks, rows_name, warn_if_shuffled
 from .options import RunOptions
+from .self_influence import SharedTrain, featurize_shared
 from .store import checkpoint_store
 from .train_stream import TrainStream
 
@@ -42,7 +44,7 @@ class CheckpointPass:
 
     weight: float
     pairs: Iterator[Pair]
-    train: TrainStream
+    train: TrainStream | SharedTrain
 
 
 def checkpoint_passes(
@@ -116,6 +118,22 @@ def checkpoint_passes(
             with tqdm(
                 desc="train batches", unit="batch", leave=False, disable=not options.progress
             ) as bar:
+                shared = None
+                if _self_influence(options, sharding):  # one featurisation for both sides
+                    shared = featurize_shared(
+                        featurizer,
+                        options.train_loader,
+                        options.loss_fn,
+                        per_step_train=per_step_train,
+                        per_step_query=per_step_query,
+                        max_bytes=options.max_query_bytes,
+                        after_batch=lambda: bar.update(1),
+                    )
+                if shared is not None:
+                    train = shared.train
+                    pairs = (Pair(0, shared.query, r0, f, s) for r0, f, s in shared.train)
+                    yield CheckpointPass(weight, pairs, train)
+                    continue
                 train = TrainStream(
                     featurizer,
                     sharding.owned(options.train_loader),
@@ -144,6 +162,13 @@ def checkpoint_passes(
                 yield CheckpointPass(weight, pairs, train)
     finally:
         model.train(was_training)
+
+
+def _self_influence(options: RunOptions, sharding: Sharding | LocalSharding) -> bool:
+    """Whether one featurisation serves both sides (:mod:`sdi.self_influence`): the same loader
+    object, one process, and no train store (whose stored features are read instead)."""
+    same = options.train_loader is options.query_loader
+    return same and options.train_store is None and sharding.world == 1
 
 
 def feature_inputs(featurizer: Featurizer, loss_fn: LossFn) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class SketchRules(_Mode):
         # One (B, d_out, d_in) gradient buffer per explicit-path weight, reused by every batch:
         # allocating it afresh costs page faults comparable to the matmul that fills it.
         self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
+        # Step sums computed beside per-use features (one pass for both) keep theirs apart.
+        self._separate_sum_buffers: dict[nn.Parameter, torch.Tensor] = {}
 
     def width(self, param: nn.Parameter) -> int:
         return self.m
@@ -106,12 +108,20 @@ class SketchRules(_Mode):
         return explicit_is_cheaper(d_out, d_in, tokens, batch, self.m)
 
     def weight_grads(
-        self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor, *, add: bool = False
+        self,
+        param: nn.Parameter,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        *,
+        add: bool = False,
+        buffers: dict[nn.Parameter, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``param``'s per-example gradients ``(B, d_out, d_in)`` in its reused buffer (added to it if ``add``)."""
-        buffer = self._grad_buffers.get(param)
+        """``param``'s per-example gradients ``(B, d_out, d_in)`` in its reused buffer (added to it
+        if ``add``), taken from ``buffers`` (default: the per-use features' buffers)."""
+        buffers = self._grad_buffers if buffers is None else buffers
+        buffer = buffers.get(param)
         if buffer is None or buffer.shape[0] != a.shape[0] or buffer.device != a.device:
-            buffer = self._grad_buffers[param] = torch_ops.linear_weight_grads(a, g)
+            buffer = buffers[param] = torch_ops.linear_weight_grads(a, g)
             return buffer
         return torch_ops.linear_weight_grads(a, g, buffer, add=add)
 
@@ -133,9 +143,10 @@ class SketchRules(_Mode):
         use = _use(activations, g, call, batch_dim)
         return self.rule_of(module).sketch(self, module, params, use)
 
-    def step_sums(self) -> StepSums:
-        """An accumulator of the features summed over all uses of one backward pass."""
-        return StepSums(self)
+    def step_sums(self, separate: bool = False) -> StepSums:
+        """An accumulator of the features summed over all uses of one backward pass; ``separate``:
+        with gradient buffers of its own, for a pass that also computes per-use features."""
+        return StepSums(self, self._separate_sum_buffers if separate else self._grad_buffers)
 
 
 class StepSums:
@@ -148,8 +159,9 @@ class StepSums:
     other rules add their per-use sketches.
     """
 
-    def __init__(self, rules: SketchRules):
+    def __init__(self, rules: SketchRules, buffers: dict[nn.Parameter, torch.Tensor]):
         self.rules = rules
+        self.buffers = buffers  # the explicit-path weights' reused gradient buffers
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._sketches: dict[nn.Parameter, torch.Tensor] = {}
 
