@@ -312,7 +312,9 @@ class Featurizer:
             per_example = _check_loss(loss_fn(self.model, batch))
             unused = {b.name: b.module for b in self.blocks if not log.uses.get(b.module)}
             if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
-                return self._without_uses(unused, batch, loss_fn, per_example, per_step, summed, on_losses)
+                return self._without_uses(
+                    unused, batch, loss_fn, per_example, per_step, summed, on_losses
+                )
             try:
                 plan = plan_steps(
                     log,

@@ -60,6 +60,16 @@ def batch_features(
         report.warn()
 
 
+def check_one_query_step_count(steps: set[int]) -> None:
+    """SDI per step needs one step count for the whole query set: refuse ``steps`` of several."""
+    if len(steps) > 1:
+        raise ValueError(
+            f"query batches have different step counts {sorted(steps)} (a data-dependent "
+            "loop?): SDI per step needs one count for the query set; put batches of one "
+            "count in each call, or use mode='tracin' (summed over steps)"
+        )
+
+
 def query_chunks(
     featurizer: Featurizer,
     loader: Iterable[Any],
@@ -74,12 +84,8 @@ def query_chunks(
     report = NonFiniteRows("query_loader")
     for feats, s in batch_features(featurizer, loader, loss_fn, per_step=per_step, report=report):
         steps.add(s)
-        if per_step and len(steps) > 1:
-            raise ValueError(
-                f"query batches have different step counts {sorted(steps)} (a data-dependent "
-                "loop?): SDI per step needs one count for the query set; put batches of one "
-                "count in each call, or use mode='tracin' (summed over steps)"
-            )
+        if per_step:
+            check_one_query_step_count(steps)
         parts.append(feats)
         held += feats.numel() * feats.element_size()
         if held >= max_bytes:

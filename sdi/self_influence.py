@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .featurize import Featurizer, LossFn
+from .loaders import check_one_query_step_count
 from .validation import NonFiniteRows
 
 
@@ -96,8 +97,8 @@ def featurize_shared(
         query_report.add_losses(seen[0], offset)
         query_report.add_features(query, offset)
         steps_seen.add(steps)
-        if per_step_query and len(steps_seen) > 1:
-            raise ValueError(f"query batches have different step counts: {sorted(steps_seen)}")
+        if per_step_query:
+            check_one_query_step_count(steps_seen)
         parts.append(query)
         batches.append((train, steps))
         losses.append(seen[0])
