@@ -59,12 +59,18 @@ class _MaskedRules:
                 f"{type(module).__name__}'s output has no position dimension (shape "
                 f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...)"
             )
-        self.lengths.add(g.shape[1])  # g is batch first here, positions next
-        if self.position is not None:
-            masked = torch.zeros_like(g)
-            masked[:, self.position] = g[:, self.position]
-            g = masked
-        return self._rules.features(module, params, activations, g, call, batch_dim)
+        return self._rules.features(
+            module, params, activations, self.shown_grad(g), call, batch_dim
+        )
+
+    def shown_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` (batch first, positions next) masked to the position; also for captured uses."""
+        self.lengths.add(g.shape[1])
+        if self.position is None:
+            return g
+        masked = torch.zeros_like(g)
+        masked[:, self.position] = g[:, self.position]
+        return masked
 
 
 @contextmanager

@@ -18,11 +18,35 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .capture import CaptureMode, OpUse
 from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
-from .rules import ExactRules, SketchRules, check_supported
+from .rules import GENERIC, RULES, ExactRules, ModuleRule, SketchRules, check_supported, rule_for
+from .rules.linear import LinearRule
+from .rules.ops import OpRules
 from .steps import StepPlan, plan_steps
+from .uses import ModuleFallback, ParamScope
+
+_OP = ModuleRule()  # what check_supported sees for parameters captured at the operation
+
+
+def _module_rule(module: nn.Module, direct, owners) -> ModuleRule | None:
+    """The module-level rule serving ``module``'s ``direct`` selected parameters, or ``None``:
+    captured at the operation. Module-level: registered rules (``register_rule``, also the
+    generic rule registered for a type) and Opacus' samplers, where the module owns its
+    parameters alone and the rule covers them; Linear and Embedding also where their forward is
+    their own (their operations' rules give the same features); a Linear whose weight is
+    computed (weight norm, pruning) is captured at the operation."""
+    if not direct or any(len(owners[p]) > 1 for p in direct):
+        return None  # a parameter shared by several modules (tied): one path for all its uses
+    rule = rule_for(module)
+    if rule is GENERIC and RULES.get(type(module)) is not GENERIC:
+        return None
+    if isinstance(rule, LinearRule) and any(rule.check(module, p, exact=True) for p in direct):
+        return None  # reparametrised (weight norm, pruning): the operations see the weight
+    return rule
+
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -80,10 +104,11 @@ def _check_loss_length(loss: torch.Tensor, batch: int, batch_first: bool) -> Non
 
 
 def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The trainable parameters of the modules, and the parameters given themselves."""
     seen: set[int] = set()
     params = []
     for module in target_modules:
-        for p in module.parameters():
+        for p in [module] if isinstance(module, nn.Parameter) else module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
@@ -164,31 +189,42 @@ class Featurizer:
 
         # Owning modules in model order: the order the hash tables are drawn in.
         selected_set = set(selected)
-        owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}
-        self._module_params: dict[nn.Module, list[nn.Parameter]] = {}
-        module_rules = {}
+        owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                if not any(m is module for _, m in owners.get(p, [])):
+                    owners.setdefault(p, []).append((module_name, module))
+        owner = {p: found[0] for p, found in owners.items()}
+        self._module_params: dict[nn.Module, list[nn.Parameter]] = {}  # module-level rules
+        module_rules, draw_order, draw_owners = {}, [], []
         for module_name, module in model.named_modules():
             direct = [p for p in module.parameters(recurse=False) if p in selected_set]
+            direct = [p for p in direct if owner[p][1] is module]
+            rule = _module_rule(module, direct, owners)
             for p in direct:
-                if p in owner:
-                    raise ValueError(
-                        f"parameter {names[p]!r} is owned by two modules; this is not supported"
-                    )
                 module_rules[module] = check_supported(
-                    module, module_name, p, names[p], strict=strict, exact=projection_size is None
+                    module,
+                    module_name,
+                    p,
+                    names[p],
+                    strict=strict,
+                    exact=projection_size is None,
+                    rule=rule or _OP,
                 )
-                owner[p] = (module_name, module)
-            if direct:
+                draw_order.append(p)
+                draw_owners.append(module if rule is not None else None)
+            if direct and rule is not None:
                 self._module_params[module] = direct
+            elif direct:
+                module_rules.pop(module, None)
 
-        draw_order = [p for params in self._module_params.values() for p in params]
         if projection_size is None:
             self.rules = ExactRules(rules=module_rules)
         else:
-            draw_owners = [m for m, params in self._module_params.items() for _ in params]
             self.rules = SketchRules(
                 draw_order, projection_size, seed, backend, draw_owners, module_rules
             )
+        self.op_rules = OpRules(lambda: self.rules)
 
         self.blocks: list[ParamBlock] = []
         start = 0
@@ -204,13 +240,42 @@ class Featurizer:
         self.device = next(iter(devices))
         self._pass: _Pass | None = None
         self._closed = False
+        targets = [m for m in target_modules if not isinstance(m, nn.Parameter)]
+        op_owners = [owner[p][1] for p in selected if owner[p][1] not in self._module_params]
+        every_owner = [owner[p][1] for p in selected]
         self.hooks = HookManager(
             list(self._module_params),
             self._on_grad,
             batch_dim=0 if self.batch_first else 1,
-            span_modules=_enclosing(model, self._module_params),  # they time the passes
+            # they time the passes, and group a module's operations into one use
+            span_modules=[*op_owners, *targets, *_enclosing(model, every_owner)],
             keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
+            owners=every_owner,
+            root=model,
         )
+        self.scope = ParamScope(
+            names=names,
+            selected=selected_set,
+            owners={p: o[1] for p, o in owner.items()},
+            module_rule_owner={p: m for m, ps in self._module_params.items() for p in ps},
+            targets=set(targets),
+            hooks=self.hooks,
+            on_grad=self._on_op_grad,
+        )
+        self._key_names = {m: n or "<model>" for n, m in model.named_modules()}
+        self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
+        self._mode: CaptureMode | None = None
+
+    def _seed_inputs(self, module, args, kwargs):
+        """The model's own arguments are per-example (they come from the batch)."""
+        if self._mode is not None:
+            self._mode.seed((args, kwargs), 0 if self.batch_first else 1)
+        return None
+
+    def _key_name(self, key) -> str:
+        if isinstance(key, tuple):
+            return f"{self.scope.names([key[0]])[0]}[{key[1]}]"
+        return self._key_names.get(key, type(key).__name__)
 
     @property
     def closed(self) -> bool:
@@ -219,6 +284,7 @@ class Featurizer:
 
     def close(self) -> None:
         self.hooks.close()
+        self._seed_handle.remove()
         self._closed = True
 
     def check_open(self) -> None:
@@ -245,13 +311,46 @@ class Featurizer:
         report of non-finite losses (:class:`sdi.validation.NonFiniteRows`).
         """
         self.check_open()
+        for _ in range(len(self.blocks)):
+            try:
+                return self._compute(batch, loss_fn, sum_steps, on_losses)
+            except ModuleFallback as fallback:
+                self._serve_by_generic_rule(fallback.module, fallback)
+        return self._compute(batch, loss_fn, sum_steps, on_losses)
+
+    def _serve_by_generic_rule(self, module: nn.Module, why: Exception) -> None:
+        """Serve ``module``'s selected parameters by the generic module-level rule from now on
+        (an operation in its forward hides the batch, so its uses are taken at the call)."""
+        if module in self._module_params:
+            raise RuntimeError(str(why)) from why
+        params = [b.param for b in self.blocks if b.module is module]
+        self.rules.use_rule(module, GENERIC)
+        self._module_params[module] = params
+        self.scope.module_rule_owner.update(dict.fromkeys(params, module))
+        self.hooks.add_rule_module(module, keep_output=self.strict)
+
+    def _compute(self, batch, loss_fn, sum_steps, on_losses):
         # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
         params = list(self.model.parameters())
+        self.scope.trainable = {id(p) for p in params if p.requires_grad}
+        bd = 0 if self.batch_first else 1
         with requires_grad_set(params, False), self.hooks.capture() as log:
-            per_example = _check_loss(loss_fn(self.model, batch))
+            with CaptureMode(self.scope) as mode:
+                self._mode = mode
+                try:
+                    mode.seed(batch, bd)
+                    per_example = _check_loss(loss_fn(self.model, batch))
+                finally:
+                    self._mode = None
+            unused = sorted(b.name for b in self.blocks if b.param not in log.used)
+            if unused:
+                raise RuntimeError(
+                    f"selected parameters never used in the forward pass: {unused[:20]}. Pass "
+                    "only modules the model runs, and do not run the loss under torch.no_grad()."
+                )
             plan = plan_steps(
                 log,
-                {b.name: b.module for b in self.blocks},
+                {key: self._key_name(key) for key in log.entries},
                 expected_steps=self.expected_steps,
                 allow_mixed_steps=self.allow_mixed_steps,
             )
@@ -330,6 +429,32 @@ class Featurizer:
                 state.out[:, columns] += feature
             else:
                 state.out[:, slot, columns] += feature
+
+    @torch.no_grad()
+    def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
+        """One captured use's grad-output: its rule's features into each parameter's columns."""
+        state = self._pass
+        if state is None:
+            return
+        use.check_unchanged()
+        if state.scale != 1.0:
+            grad = grad * state.scale
+        grad = grad.movedim(use.out_dim, 0)
+        shown = getattr(self.rules, "shown_grad", None)  # explain's position masks
+        if shown is not None:
+            grad = shown(grad)
+        try:
+            features = self.op_rules.features(use, grad)
+        except RuntimeError as err:
+            names = self.scope.names(use.params)
+            raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err
+        for p, feature in features.items():
+            columns = self._columns[p]
+            if state.sum_steps:
+                state.out[:, columns] += feature
+            else:
+                key, entry = use.slots[p]
+                state.out[:, state.plan.slots[key][entry], columns] += feature
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
         """View a ``(N, steps, D)`` feature tensor as the per-parameter dict of :class:`FeatureSet`."""

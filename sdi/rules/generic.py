@@ -68,7 +68,7 @@ class GenericRule(ModuleRule):
         parts = [[] for _ in params]
         for chunk in self._chunks(module, params, use):
             for acc, p, g in zip(parts, params, chunk, strict=True):
-                acc.append(rules.backend.count_sketch(g, rules.tables[p]))
+                acc.append(rules.sketch_flat(p, g))
         return [torch.cat(acc) for acc in parts]
 
     def add_step(self, sums, module, params, use: Use) -> None:

@@ -32,6 +32,9 @@ class _Mode:
         for module in owners or ():
             self.rule_of(module)
 
+    def use_rule(self, module: nn.Module, rule: ModuleRule) -> None:
+        self._rules[module] = rule
+
     def rule_of(self, module: nn.Module) -> ModuleRule:
         rule = self._rules.get(module)
         if rule is None:
@@ -50,8 +53,9 @@ class SketchRules(_Mode):
         params: the parameters, in table-drawing order (the featuriser passes model order).
         m, seed, backend: the sketch.
         owners: the module owning each parameter (parallel to ``params``): its rule draws the
-            table. Without owners, a 2-D parameter is taken for a Linear/Embedding weight
-            (TensorSketch) and any other for a vector (CountSketch).
+            table. Without an owner (``None``: captured at the operation), a parameter of 2 or
+            more dims gets a TensorSketch of it as the matrix ``(prod(shape[:-1]), shape[-1])``
+            and a vector a CountSketch.
         rules: module -> rule, overriding the registry for those modules.
     """
 
@@ -75,10 +79,10 @@ class SketchRules(_Mode):
         generator = torch.Generator().manual_seed(int(seed))
         self.tables: dict[nn.Parameter, CountSketchHash | TensorSketchHash] = {}
         for i, p in enumerate(params):
-            if owners is not None:
+            if owners is not None and owners[i] is not None:
                 table = self.rule_of(owners[i]).draw_table(owners[i], p, self.m, generator)
-            elif p.dim() == 2:
-                table = draw_tensor_sketch(p.shape[0], p.shape[1], self.m, generator)
+            elif p.dim() >= 2:  # as a matrix (prod(shape[:-1]), shape[-1]): banks slice by rows
+                table = draw_tensor_sketch(p.numel() // p.shape[-1], p.shape[-1], self.m, generator)
             else:
                 table = draw_count_sketch(p.numel(), self.m, generator)
             self.tables[p] = table.to(p.device)
@@ -114,6 +118,14 @@ class SketchRules(_Mode):
             buffer = self._grad_buffers[param] = torch_ops.linear_weight_grads(a, g)
             return buffer
         return torch_ops.linear_weight_grads(a, g, buffer, add=add)
+
+    def sketch_flat(self, param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        """Sketch per-example gradients ``(B, numel)`` (or ``(B, *shape)``) of ``param`` by its table."""
+        table = self.tables[param]
+        B = grad.shape[0]
+        if isinstance(table, CountSketchHash):
+            return self.backend.count_sketch(grad.reshape(B, -1).float(), table)
+        return self.sketch_dense(param, grad.reshape(B, table.out.d, -1).float())
 
     def sketch_dense(self, param: nn.Parameter, phi: torch.Tensor) -> torch.Tensor:
         """Sketch explicit gradients ``phi (B, d_out, d_in)`` fp32 of ``param`` -> ``(B, m)``."""
@@ -185,10 +197,7 @@ class StepSums:
         """``(param, (B, m) fp32)`` for every parameter seen; empties the accumulator."""
         out = list(self._sketches.items())
         for p, grad in self._grads.items():
-            if grad.dim() == 3:
-                out.append((p, self.rules.sketch_dense(p, grad)))
-            else:
-                out.append((p, self.rules.backend.count_sketch(grad, self.rules.tables[p])))
+            out.append((p, self.rules.sketch_flat(p, grad)))
         self._grads, self._sketches = {}, {}
         return out
 

@@ -76,7 +76,7 @@ class ModuleRule:
     def sketch(self, rules, module: nn.Module, params, use: Use) -> list[torch.Tensor]:
         """One ``(B, m)`` fp32 sketch per param."""
         return [
-            rules.backend.count_sketch(g, rules.tables[p])
+            rules.sketch_flat(p, g)
             for p, g in zip(params, self.grads(module, params, use), strict=True)
         ]
 
