@@ -22,31 +22,11 @@ from .capture import CaptureMode, OpUse
 from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
-from .rules import GENERIC, RULES, ExactRules, ModuleRule, SketchRules, check_supported, rule_for
-from .rules.linear import LinearRule
+from .rules import GENERIC, ExactRules, SketchRules
 from .rules.ops import OpRules
+from .selection import enclosing, select
 from .steps import StepPlan, plan_steps
 from .uses import ModuleFallback, ParamScope
-
-_OP = ModuleRule()  # what check_supported sees for parameters captured at the operation
-
-
-def _module_rule(module: nn.Module, direct, owners) -> ModuleRule | None:
-    """The module-level rule serving ``module``'s ``direct`` selected parameters, or ``None``:
-    captured at the operation. Module-level: registered rules (``register_rule``, also the
-    generic rule registered for a type) and Opacus' samplers, where the module owns its
-    parameters alone and the rule covers them; Linear and Embedding also where their forward is
-    their own (their operations' rules give the same features); a Linear whose weight is
-    computed (weight norm, pruning) is captured at the operation."""
-    if not direct or any(len(owners[p]) > 1 for p in direct):
-        return None  # a parameter shared by several modules (tied): one path for all its uses
-    rule = rule_for(module)
-    if rule is GENERIC and RULES.get(type(module)) is not GENERIC:
-        return None
-    if isinstance(rule, LinearRule) and any(rule.check(module, p, exact=True) for p in direct):
-        return None  # reparametrised (weight norm, pruning): the operations see the weight
-    return rule
-
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -64,13 +44,64 @@ class ParamBlock:
 
 @dataclass
 class _Pass:
-    """State of the backward pass in flight."""
+    """The backward pass in flight: each use's grad-output through its rule into its columns."""
 
     plan: StepPlan
     out: torch.Tensor  # (B, steps, D), or (B, D) when summing over steps
     sum_steps: bool
     scale: float
     sums: Any = None  # the rules' step-sum accumulator when summing over steps, if they have one
+
+    def _add(self, columns: slice, slot: int, feature: torch.Tensor) -> None:
+        if self.sum_steps:
+            self.out[:, columns] += feature
+        else:
+            self.out[:, slot, columns] += feature
+
+    @torch.no_grad()
+    def module_grad(self, f: Featurizer, module: nn.Module, use: int, call, grad) -> None:
+        """A use of a module served by a module-level rule."""
+        if self.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
+            grad = grad * self.scale
+        activations = call.tensors
+        if not f.batch_first:
+            grad = grad.movedim(1, 0)
+            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
+        params = f._module_params[module]
+        batch_dim = 0 if f.batch_first else 1
+        try:
+            with f.hooks.paused():  # a rule may re-run the module's forward
+                if self.sums is not None:
+                    self.sums.add(module, params, activations, grad, call, batch_dim)
+                    return
+                features = f.rules.features(module, params, activations, grad, call, batch_dim)
+        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
+            names = [b.name for b in f.blocks if b.module is module]
+            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
+        slot = self.plan.slots[module][use]
+        for p, feature in zip(params, features, strict=True):
+            self._add(f._columns[p], slot, feature)
+
+    @torch.no_grad()
+    def op_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
+        """A use captured at the operation (:mod:`sdi.capture`)."""
+        use.check_unchanged()
+        if self.scale != 1.0:
+            grad = grad * self.scale
+        grad = grad.movedim(use.out_dim, 0)
+        shown = getattr(f.rules, "shown_grad", None)  # explain's position masks
+        if shown is not None:
+            grad = shown(grad)
+        try:
+            features = f.op_rules.features(use, grad)
+        except RuntimeError as err:
+            names = f.scope.names(use.params)
+            raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err
+        for p, feature in features.items():
+            key, entry = use.slots[p]
+            self._add(
+                f._columns[p], None if self.sum_steps else self.plan.slots[key][entry], feature
+            )
 
 
 def _check_loss(loss: Any) -> torch.Tensor:
@@ -103,31 +134,71 @@ def _check_loss_length(loss: torch.Tensor, batch: int, batch_first: bool) -> Non
     )
 
 
-def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
-    """The trainable parameters of the modules, and the parameters given themselves."""
-    seen: set[int] = set()
-    params = []
-    for module in target_modules:
-        for p in [module] if isinstance(module, nn.Parameter) else module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
+def _check_used(log, blocks: list[ParamBlock]) -> None:
+    unused = sorted(b.name for b in blocks if b.param not in log.used)
+    if unused:
+        raise RuntimeError(
+            f"selected parameters never used in the forward pass: {unused[:20]}. Pass "
+            "only modules the model runs, and do not run the loss under torch.no_grad()."
+        )
 
 
-def _enclosing(model: nn.Module, owners) -> list[nn.Module]:
-    """Every module that contains an owner of selected parameters (the loop layers among them):
-    :mod:`sdi.steps` finds the loop passes from their calls as well."""
-    parent: dict[nn.Module, nn.Module] = {}
-    for module in model.modules():
-        for child in module.children():
-            parent.setdefault(child, module)
-    out: dict[nn.Module, None] = {}
-    for module in owners:
-        while module in parent:
-            module = parent[module]
-            out[module] = None
-    return list(out)
+def _batch_loss(per_example: torch.Tensor, B: int, batch_first: bool, reduction: str):
+    """The scalar to run backward on, after checking ``per_example`` against the batch ``B``."""
+    _check_loss_length(per_example, B, batch_first)
+    if B == 0:
+        raise ValueError(
+            "the selected modules saw a batch of 0 examples: sdi refuses empty batches "
+            "(drop them from the loader)"
+        )
+    if per_example.dim() == 0:
+        loss = per_example
+    else:
+        loss = per_example.sum() if reduction == "sum" else per_example.mean()
+    if not loss.requires_grad:
+        raise RuntimeError("the loss does not depend on the outputs of the selected modules")
+    return loss
+
+
+def _check_log(log, blocks: list[ParamBlock], strict: bool) -> None:
+    """Refuse a forward that changed a selected module's buffers (strict), or mixed batch sizes."""
+    if strict and log.mutated_buffers:
+        module, buffers = next(iter(log.mutated_buffers.items()))
+        param = next(b.name for b in blocks if b.module is module)
+        raise NotImplementedError(
+            f"parameter {param!r}: the forward of its module ({type(module).__name__}) "
+            f"changed its buffers {buffers}, so its per-example gradients are not defined "
+            "in strict mode (pass strict=False to ignore the buffers)"
+        )
+    if len(log.batch_sizes) != 1:
+        raise RuntimeError(f"selected modules saw different batch sizes {sorted(log.batch_sizes)}")
+
+
+def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
+    """The hook manager and the capture scope of a featuriser."""
+    owner = chosen.owner
+    op_owners = [owner[p][1] for p in chosen.params if owner[p][1] not in f._module_params]
+    every_owner = [owner[p][1] for p in chosen.params]
+    hooks = HookManager(
+        list(f._module_params),
+        f._on_grad,
+        batch_dim=0 if f.batch_first else 1,
+        # they time the passes, and group a module's operations into one use
+        span_modules=[*op_owners, *chosen.targets, *enclosing(f.model, every_owner)],
+        keep_output=[m for m, r in chosen.module_rules.items() if f.strict and r.keeps_output],
+        owners=every_owner,
+        root=f.model,
+    )
+    scope = ParamScope(
+        names=chosen.names,
+        selected=set(chosen.params),
+        owners={p: o[1] for p, o in owner.items()},
+        module_rule_owner={p: m for m, ps in f._module_params.items() for p in ps},
+        targets=set(chosen.targets),
+        hooks=hooks,
+        on_grad=f._on_op_grad,
+    )
+    return hooks, scope
 
 
 class Featurizer:
@@ -162,8 +233,6 @@ class Featurizer:
     ):
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        if isinstance(target_modules, nn.Module):
-            target_modules = [target_modules]
         self.model = model
         self.loss_reduction = loss_reduction
         self.batch_first = bool(batch_first)
@@ -172,57 +241,19 @@ class Featurizer:
         self.strict = bool(strict)
         self.step_plan: StepPlan | None = None  # of the last forward pass
 
-        selected = _selected_params(list(target_modules))
-        if not selected:
-            raise ValueError("target_modules hold no trainable parameters")
-        devices = {p.device for p in selected}
-        if len(devices) > 1:
-            raise ValueError(
-                f"selected parameters span several devices: {sorted(map(str, devices))}"
-            )
-        names = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(p, name)
-        missing = [p for p in selected if p not in names]
-        if missing:
-            raise ValueError("target_modules hold parameters that are not parameters of model")
-
-        # Owning modules in model order: the order the hash tables are drawn in.
-        selected_set = set(selected)
-        owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
-            for p in module.parameters(recurse=False):
-                if not any(m is module for _, m in owners.get(p, [])):
-                    owners.setdefault(p, []).append((module_name, module))
-        owner = {p: found[0] for p, found in owners.items()}
-        self._module_params: dict[nn.Module, list[nn.Parameter]] = {}  # module-level rules
-        module_rules, draw_order, draw_owners = {}, [], []
-        for module_name, module in model.named_modules():
-            direct = [p for p in module.parameters(recurse=False) if p in selected_set]
-            direct = [p for p in direct if owner[p][1] is module]
-            rule = _module_rule(module, direct, owners)
-            for p in direct:
-                module_rules[module] = check_supported(
-                    module,
-                    module_name,
-                    p,
-                    names[p],
-                    strict=strict,
-                    exact=projection_size is None,
-                    rule=rule or _OP,
-                )
-                draw_order.append(p)
-                draw_owners.append(module if rule is not None else None)
-            if direct and rule is not None:
-                self._module_params[module] = direct
-            elif direct:
-                module_rules.pop(module, None)
-
+        chosen = select(model, target_modules, strict=strict, exact=projection_size is None)
+        selected, names, owner = chosen.params, chosen.names, chosen.owner
+        self._module_params = chosen.module_params  # modules served by module-level rules
         if projection_size is None:
-            self.rules = ExactRules(rules=module_rules)
+            self.rules = ExactRules(rules=chosen.module_rules)
         else:
             self.rules = SketchRules(
-                draw_order, projection_size, seed, backend, draw_owners, module_rules
+                chosen.draw_order,
+                projection_size,
+                seed,
+                backend,
+                chosen.draw_owners,
+                chosen.module_rules,
             )
         self.op_rules = OpRules(lambda: self.rules)
 
@@ -237,31 +268,10 @@ class Featurizer:
             start += width
         self.width = start
         self._columns = {b.param: b.columns for b in self.blocks}
-        self.device = next(iter(devices))
+        self.device = selected[0].device
         self._pass: _Pass | None = None
         self._closed = False
-        targets = [m for m in target_modules if not isinstance(m, nn.Parameter)]
-        op_owners = [owner[p][1] for p in selected if owner[p][1] not in self._module_params]
-        every_owner = [owner[p][1] for p in selected]
-        self.hooks = HookManager(
-            list(self._module_params),
-            self._on_grad,
-            batch_dim=0 if self.batch_first else 1,
-            # they time the passes, and group a module's operations into one use
-            span_modules=[*op_owners, *targets, *_enclosing(model, every_owner)],
-            keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
-            owners=every_owner,
-            root=model,
-        )
-        self.scope = ParamScope(
-            names=names,
-            selected=selected_set,
-            owners={p: o[1] for p, o in owner.items()},
-            module_rule_owner={p: m for m, ps in self._module_params.items() for p in ps},
-            targets=set(targets),
-            hooks=self.hooks,
-            on_grad=self._on_op_grad,
-        )
+        self.hooks, self.scope = _capture(self, chosen)
         self._key_names = {m: n or "<model>" for n, m in model.named_modules()}
         self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
         self._mode: CaptureMode | None = None
@@ -342,12 +352,7 @@ class Featurizer:
                     per_example = _check_loss(loss_fn(self.model, batch))
                 finally:
                     self._mode = None
-            unused = sorted(b.name for b in self.blocks if b.param not in log.used)
-            if unused:
-                raise RuntimeError(
-                    f"selected parameters never used in the forward pass: {unused[:20]}. Pass "
-                    "only modules the model runs, and do not run the loss under torch.no_grad()."
-                )
+            _check_used(log, self.blocks)
             plan = plan_steps(
                 log,
                 {key: self._key_name(key) for key in log.entries},
@@ -355,37 +360,13 @@ class Featurizer:
                 allow_mixed_steps=self.allow_mixed_steps,
             )
             self.step_plan = plan
-            if self.strict and log.mutated_buffers:
-                module, buffers = next(iter(log.mutated_buffers.items()))
-                param = next(b.name for b in self.blocks if b.module is module)
-                raise NotImplementedError(
-                    f"parameter {param!r}: the forward of its module ({type(module).__name__}) "
-                    f"changed its buffers {buffers}, so its per-example gradients are not defined "
-                    "in strict mode (pass strict=False to ignore the buffers)"
-                )
-            if len(log.batch_sizes) != 1:
-                raise RuntimeError(
-                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)}"
-                )
+            _check_log(log, self.blocks, self.strict)
             B = log.batch_sizes.pop()
-            _check_loss_length(per_example, B, self.batch_first)
-            if B == 0:
-                raise ValueError(
-                    "the selected modules saw a batch of 0 examples: sdi refuses empty batches "
-                    "(drop them from the loader)"
-                )
+            loss = _batch_loss(per_example, B, self.batch_first, self.loss_reduction)
             if on_losses is not None:
                 on_losses(per_example.detach().expand(B))
-            if per_example.dim() == 0:
-                loss = per_example
-            else:
-                loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
             shape = (B, self.width) if sum_steps else (B, plan.steps, self.width)
             out = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            if not loss.requires_grad:
-                raise RuntimeError(
-                    "the loss does not depend on the outputs of the selected modules"
-                )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
             # Rules with step sums hash each parameter once per pass instead of once per use.
             step_sums = getattr(self.rules, "step_sums", None) if sum_steps else None
@@ -400,61 +381,13 @@ class Featurizer:
                     out[:, self._columns[p]] += feature
         return out, plan.steps
 
-    @torch.no_grad()
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
-        state = self._pass
-        if state is None:  # a backward outside compute_batch (e.g. a retained graph): not ours
-            return
-        if state.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
-            grad = grad * state.scale
-        activations = call.tensors
-        if not self.batch_first:
-            grad = grad.movedim(1, 0)
-            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
-        params = self._module_params[module]
-        batch_dim = 0 if self.batch_first else 1
-        try:
-            with self.hooks.paused():  # a rule may re-run the module's forward
-                if state.sums is not None:
-                    state.sums.add(module, params, activations, grad, call, batch_dim)
-                    return
-                features = self.rules.features(module, params, activations, grad, call, batch_dim)
-        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
-            names = [b.name for b in self.blocks if b.module is module]
-            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
-        slot = state.plan.slots[module][use]
-        for p, feature in zip(params, features, strict=True):
-            columns = self._columns[p]
-            if state.sum_steps:
-                state.out[:, columns] += feature
-            else:
-                state.out[:, slot, columns] += feature
+        if self._pass is not None:  # else a backward outside compute_batch: not ours
+            self._pass.module_grad(self, module, use, call, grad)
 
-    @torch.no_grad()
     def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
-        """One captured use's grad-output: its rule's features into each parameter's columns."""
-        state = self._pass
-        if state is None:
-            return
-        use.check_unchanged()
-        if state.scale != 1.0:
-            grad = grad * state.scale
-        grad = grad.movedim(use.out_dim, 0)
-        shown = getattr(self.rules, "shown_grad", None)  # explain's position masks
-        if shown is not None:
-            grad = shown(grad)
-        try:
-            features = self.op_rules.features(use, grad)
-        except RuntimeError as err:
-            names = self.scope.names(use.params)
-            raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err
-        for p, feature in features.items():
-            columns = self._columns[p]
-            if state.sum_steps:
-                state.out[:, columns] += feature
-            else:
-                key, entry = use.slots[p]
-                state.out[:, state.plan.slots[key][entry], columns] += feature
+        if self._pass is not None:
+            self._pass.op_grad(self, use, grad)
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
         """View a ``(N, steps, D)`` feature tensor as the per-parameter dict of :class:`FeatureSet`."""

@@ -289,7 +289,7 @@ class HookManager:
         kept = out.detach().clone() if use == 0 and module in self._keep_output else None
         args, kwargs = _bound(module, args, kwargs)
         call = Call(_detached(tuple(args)), _detached(dict(kwargs)), kept)
-        watched = self._watch_other_outputs(module, output, out)
+        watched = _watch_other_outputs(log, module, output, out)
 
         def on_grad(grad: torch.Tensor) -> None:
             self._on_grad(module, use, call, grad)
@@ -301,38 +301,39 @@ class HookManager:
             return new
         return watched if new is out else _replace_first(watched, new)
 
-    def _watch_other_outputs(self, module: nn.Module, output, first: torch.Tensor):
-        """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
-        An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
-        as the first output does, so that a loss using it is still seen.
-        """
-        if not isinstance(output, (tuple, list)):
-            return output
-        items = list(output)
-        for index, other in enumerate(items):
-            if not torch.is_tensor(other) or other is first or not other.is_floating_point():
-                continue
-            if not other.requires_grad:
-                leaf = other.detach().requires_grad_(True)
-                self.log.leaves.append(leaf)
-                other = items[index] = leaf.clone()
+def _watch_other_outputs(log: CallLog, module: nn.Module, output, first: torch.Tensor):
+    """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
-            def refuse(grad: torch.Tensor, index=index) -> None:
-                if bool(grad.ne(0).any()):
-                    raise RuntimeError(
-                        f"output {index} of {type(module).__name__} (a tensor beside its first "
-                        "output) carries a gradient to the loss; per-example rules differentiate "
-                        "the first tensor output only, so the feature would miss that path. "
-                        "Select the submodules that compute that output instead."
-                    )
+    An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
+    as the first output does, so that a loss using it is still seen.
+    """
+    if not isinstance(output, (tuple, list)):
+        return output
+    items = list(output)
+    for index, other in enumerate(items):
+        if not torch.is_tensor(other) or other is first or not other.is_floating_point():
+            continue
+        if not other.requires_grad:
+            leaf = other.detach().requires_grad_(True)
+            log.leaves.append(leaf)
+            other = items[index] = leaf.clone()
 
-            other.register_hook(refuse)
-        if all(a is b for a, b in zip(items, output, strict=True)):
-            return output
-        if hasattr(output, "_fields"):  # namedtuple
-            return type(output)(*items)
-        return type(output)(items) if isinstance(output, tuple) else items
+        def refuse(grad: torch.Tensor, index=index) -> None:
+            if bool(grad.ne(0).any()):
+                raise RuntimeError(
+                    f"output {index} of {type(module).__name__} (a tensor beside its first "
+                    "output) carries a gradient to the loss; per-example rules differentiate "
+                    "the first tensor output only, so the feature would miss that path. "
+                    "Select the submodules that compute that output instead."
+                )
+
+        other.register_hook(refuse)
+    if all(a is b for a, b in zip(items, output, strict=True)):
+        return output
+    if hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*items)
+    return type(output)(items) if isinstance(output, tuple) else items
 
 
 def _bound(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
