@@ -118,8 +118,9 @@ class Derived:
         return True
 
     def slice_index(self) -> int | None:
-        """``i`` when this is ``bank[i]`` (first step an integer index of a parameter of >= 3 dims)."""
-        if self.combine is not None or not self.steps or self.params[0].dim() < 3:
+        """``i`` when this is ``bank[i]`` (first step an integer index of a parameter of >= 2 dims):
+        the timeline shows each slice of a bank on its own."""
+        if self.combine is not None or not self.steps or self.params[0].dim() < 2:
             return None
         first = self.steps[0]
         if first.name == "__getitem__" and isinstance(first.args[1], int):

@@ -24,9 +24,9 @@ from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import GENERIC, ExactRules, SketchRules
 from .rules.ops import OpRules
-from .selection import enclosing, select
+from .selection import Selection, enclosing, select
 from .steps import StepPlan, plan_steps
-from .uses import ModuleFallback, ParamScope
+from .uses import Found, ModuleFallback, ParamScope
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -241,40 +241,42 @@ class Featurizer:
         self.strict = bool(strict)
         self.step_plan: StepPlan | None = None  # of the last forward pass
 
-        chosen = select(model, target_modules, strict=strict, exact=projection_size is None)
-        selected, names, owner = chosen.params, chosen.names, chosen.owner
-        self._module_params = chosen.module_params  # modules served by module-level rules
-        if projection_size is None:
-            self.rules = ExactRules(rules=chosen.module_rules)
-        else:
-            self.rules = SketchRules(
-                chosen.draw_order,
-                projection_size,
-                seed,
-                backend,
-                chosen.draw_owners,
-                chosen.module_rules,
-            )
-        self.op_rules = OpRules(lambda: self.rules)
-
-        self.blocks: list[ParamBlock] = []
-        start = 0
-        for p in selected:
-            width = self.rules.width(p)
-            shape = tuple(p.shape) if self.rules.exact else (width,)
-            self.blocks.append(
-                ParamBlock(names[p], p, owner[p][1], slice(start, start + width), shape)
-            )
-            start += width
-        self.width = start
-        self._columns = {b.param: b.columns for b in self.blocks}
-        self.device = selected[0].device
+        self._targets, self._sketch = target_modules, (projection_size, seed, backend)
+        self._fallbacks: list[nn.Module] = []
+        chosen = self._layout([])
+        self.device = chosen.params[0].device
         self._pass: _Pass | None = None
         self._closed = False
         self.hooks, self.scope = _capture(self, chosen)
         self._key_names = {m: n or "<model>" for n, m in model.named_modules()}
         self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
         self._mode: CaptureMode | None = None
+
+    def _layout(self, found: list) -> Selection:
+        """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
+        m, seed, backend = self._sketch
+        chosen = select(self.model, self._targets, strict=self.strict, exact=m is None, found=found)
+        self._module_params = chosen.module_params  # modules served by module-level rules
+        if m is None:
+            self.rules = ExactRules(rules=chosen.module_rules)
+        else:
+            self.rules = SketchRules(
+                chosen.draw_order, m, seed, backend, chosen.draw_owners, chosen.module_rules
+            )
+        self.op_rules = OpRules(lambda: self.rules)
+        self.blocks: list[ParamBlock] = []
+        start = 0
+        for p in chosen.params:
+            width = self.rules.width(p)
+            shape = tuple(p.shape) if self.rules.exact else (width,)
+            name, owner = chosen.names[p], chosen.owner[p][1]
+            self.blocks.append(ParamBlock(name, p, owner, slice(start, start + width), shape))
+            start += width
+        self.width = start
+        self._columns = {b.param: b.columns for b in self.blocks}
+        for module in self._fallbacks:
+            self._serve_by_generic_rule(module, None)
+        return chosen
 
     def _seed_inputs(self, module, args, kwargs):
         """The model's own arguments are per-example (they come from the batch)."""
@@ -321,17 +323,24 @@ class Featurizer:
         report of non-finite losses (:class:`sdi.validation.NonFiniteRows`).
         """
         self.check_open()
-        for _ in range(len(self.blocks)):
+        while True:  # at most twice per parameter of the model
             try:
-                return self._compute(batch, loss_fn, sum_steps, on_losses)
+                out = self._compute(batch, loss_fn, sum_steps, on_losses)
+                self.scope.frozen_layout = True
+                return out
             except ModuleFallback as fallback:
+                self._fallbacks.append(fallback.module)
                 self._serve_by_generic_rule(fallback.module, fallback)
-        return self._compute(batch, loss_fn, sum_steps, on_losses)
+            except Found as found:
+                self.scope.found.add(found.param)
+                self._layout(
+                    [b.param for b in self.blocks if b.param in self.scope.found] + [found.param]
+                )
 
     def _serve_by_generic_rule(self, module: nn.Module, why: Exception) -> None:
         """Serve ``module``'s selected parameters by the generic module-level rule from now on
         (an operation in its forward hides the batch, so its uses are taken at the call)."""
-        if module in self._module_params:
+        if why is not None and module in self._module_params:
             raise RuntimeError(str(why)) from why
         params = [b.param for b in self.blocks if b.module is module]
         self.rules.use_rule(module, GENERIC)

@@ -1,8 +1,9 @@
 """Which parameters a featuriser attributes, who owns them, and which rule serves each module.
 
-``target_modules`` holds modules (all their trainable parameters are selected) and, to select a
-parameter that no selected module owns (a bank on the parent, a tied weight), parameters
-themselves. Each selected parameter's *owner* is the first module in model order that registers
+``target_modules`` holds modules (all their trainable parameters are selected) and parameters
+themselves (selected too). A parameter that no selected module owns but that a selected module's
+call uses (a bank's slice passed in, a tied weight, a parent's parameter) is *found* during the
+first forward pass (:mod:`sdi.uses`) and added; its uses count inside selected calls only. Each selected parameter's *owner* is the first module in model order that registers
 it. A module is served by a module-level rule (:func:`_module_rule`) or its parameters are
 captured at the operation (:mod:`sdi.capture`); hash tables are drawn in this order, owner by
 owner in model order, from one seeded generator.
@@ -29,6 +30,7 @@ class Selection:
     draw_order: list  # selected params in table-drawing order
     draw_owners: list  # parallel: the module whose rule draws the table, None: by shape
     targets: list  # the selected modules
+    found: list  # parameters found in use inside selected modules' calls (not selected)
 
 
 def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -78,12 +80,17 @@ def _module_rule(module: nn.Module, direct, owners) -> ModuleRule | None:
     return rule
 
 
-def select(model: nn.Module, target_modules, *, strict: bool, exact: bool) -> Selection:
-    """The :class:`Selection` of ``target_modules`` (modules, or parameters) in ``model``."""
+def select(
+    model: nn.Module, target_modules, *, strict: bool, exact: bool, found: Sequence = ()
+) -> Selection:
+    """The :class:`Selection` of ``target_modules`` (modules, or parameters) in ``model``, plus the
+    parameters ``found`` used inside selected modules' calls (captured at the operation, always;
+    listed after the others, their tables drawn in model order as if selected)."""
     if isinstance(target_modules, nn.Module):
         target_modules = [target_modules]
     target_modules = list(target_modules)
     selected = _selected_params(list(target_modules))
+    found = [p for p in found if p not in set(selected)]
     if not selected:
         raise ValueError("target_modules hold no trainable parameters")
     devices = {p.device for p in selected}
@@ -97,7 +104,7 @@ def select(model: nn.Module, target_modules, *, strict: bool, exact: bool) -> Se
         raise ValueError("target_modules hold parameters that are not parameters of model")
 
     # Owning modules in model order: the order the hash tables are drawn in.
-    selected_set = set(selected)
+    selected_set, found_set = set(selected) | set(found), set(found)
     owners: dict[nn.Parameter, list[tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
@@ -109,8 +116,9 @@ def select(model: nn.Module, target_modules, *, strict: bool, exact: bool) -> Se
     for module_name, module in model.named_modules():
         direct = [p for p in module.parameters(recurse=False) if p in selected_set]
         direct = [p for p in direct if owner[p][1] is module]
-        rule = _module_rule(module, direct, owners)
+        rule = _module_rule(module, [p for p in direct if p not in found_set], owners)
         for p in direct:
+            own = rule if p not in found_set else None
             module_rules[module] = check_supported(
                 module,
                 module_name,
@@ -118,17 +126,18 @@ def select(model: nn.Module, target_modules, *, strict: bool, exact: bool) -> Se
                 names[p],
                 strict=strict,
                 exact=exact,
-                rule=rule or _OP,
+                rule=own or _OP,
             )
             draw_order.append(p)
-            draw_owners.append(module if rule is not None else None)
-        if direct and rule is not None:
-            module_params[module] = direct
+            draw_owners.append(module if own is not None else None)
+        ruled = [p for p in direct if p not in found_set]
+        if ruled and rule is not None:
+            module_params[module], module_rules[module] = ruled, rule
         elif direct:
             module_rules.pop(module, None)
 
     return Selection(
-        selected,
+        selected + found,
         names,
         owner,
         module_params,
@@ -136,4 +145,5 @@ def select(model: nn.Module, target_modules, *, strict: bool, exact: bool) -> Se
         draw_order,
         draw_owners,
         [m for m in target_modules if not isinstance(m, nn.Parameter)],
+        found,
     )

@@ -4,10 +4,10 @@
   module when a module-level rule serves that module (the module hook reports that use, so it is
   not counted twice).
 - A use of any other trainable parameter inside a call of a selected module (a bank's slice
-  passed into a selected block, a tied weight, a parent's parameter) cannot be dropped silently:
-  it is an error that names the parameter and says how to select it (pass the parameter itself,
-  or its module, in ``target_modules``). The feature layout is fixed when the estimator is built,
-  before any forward pass shows such uses.
+  passed into a selected block, a tied weight, a parent's parameter) counts too. Such a parameter
+  is *found* by the first forward pass that uses it: :class:`Found` stops that pass, the
+  featuriser adds the parameter to its layout and runs the batch again; from then on its uses
+  inside selected calls count (and only those).
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ import torch.nn as nn
 
 from .capture import OpUse, Scope
 from .hooks import HookManager, watch_grad
+
+
+class Found(Exception):
+    """Raised during a forward: ``param`` is used inside a selected module's call, unselected."""
+
+    def __init__(self, param: nn.Parameter):
+        super().__init__(f"found a parameter of shape {tuple(param.shape)} in use")
+        self.param = param
 
 
 class ModuleFallback(Exception):
@@ -51,10 +59,12 @@ class ParamScope(Scope):
         on_grad: Callable[[OpUse, torch.Tensor], None],
     ):
         self._by_id = {id(p): p for p in names}
-        self._names, self._selected, self._owners = names, selected, owners
+        self._names, self.selected, self._owners = names, selected, owners
         self.module_rule_owner, self._targets = module_rule_owner, targets
         self.hooks, self._on_grad = hooks, on_grad
         self.trainable: set[int] = set()  # ids of the parameters trainable before featurising
+        self.found: set = set()  # parameters found in use inside selected calls
+        self.frozen_layout = False  # set once a batch's features were computed
 
     def param_of(self, t: torch.Tensor) -> nn.Parameter | None:
         p = self._by_id.get(id(t))
@@ -67,17 +77,22 @@ class ParamScope(Scope):
         return [self._names.get(p, "?") for p in params]
 
     def counts(self, p: nn.Parameter, func) -> bool:
-        if p in self._selected:
+        if p in self.selected:
             owner = self.module_rule_owner.get(p)
             return owner is None or not self.hooks.active(owner)
-        if id(p) in self.trainable and self.hooks.active_any(self._targets):
-            name = self._names.get(p, "?")
-            raise RuntimeError(
-                f"parameter {name!r} is used by {getattr(func, '__name__', func)} inside a call "
-                "of a selected module, but it is not selected: its per-example gradient would be "
-                f"dropped. Select it too: pass the parameter itself (model.{name}) or the module "
-                "owning it in target_modules, or freeze it (requires_grad=False)"
-            )
+        inside = self.hooks.active_any(self._targets)
+        if p in self.found:
+            return inside
+        if inside and id(p) in self.trainable:
+            if self.frozen_layout:
+                name = self._names.get(p, "?")
+                raise RuntimeError(
+                    f"parameter {name!r} is used by {getattr(func, '__name__', func)} inside a "
+                    "call of a selected module, but no earlier batch used it there, and the "
+                    "feature layout is fixed once features were computed. Select it from the "
+                    f"start: pass the parameter itself (model.{name}) in target_modules"
+                )
+            raise Found(p)
         return False
 
     def unknown(self, params, message: str) -> None:

@@ -195,8 +195,14 @@ def test_bank_slices_land_in_the_bank():
     torch.manual_seed(0)
     model = BankUNet().eval()
     band = [model.blocks[i] for i in (1, 2, 3)]
-    with pytest.raises(RuntimeError, match="'bank'.*not selected"):
-        exact(model, band, _ids(3))
+    # The band selected: the bank is found in use inside the band's calls; only those uses count.
+    feats, est = exact(model, band, _ids(4))
+    assert est.step_plan.steps == 3 and list(feats)[-1] == "bank"
+    want = oracle(model, {"bank": model.bank}, _ids(4))["bank"].reshape(4, 10, -1)
+    got = feats["bank"].sum(1).reshape(4, 10, -1)
+    inside = [1, 2, 3, 6, 7, 8]
+    torch.testing.assert_close(got[:, inside], want[:, inside], rtol=1e-5, atol=1e-6)
+    assert got[:, [0, 4, 5, 9]].eq(0).all() and want[:, [0, 4, 5, 9]].abs().amax() > 0
     targets = [model.bank, *model.blocks]
     feats, est = check_exact(model, targets, _ids(4), allow_mixed_steps=True)
     plan = est.step_plan
