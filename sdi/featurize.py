@@ -93,7 +93,7 @@ class _Pass:
         if shown is not None:
             grad = shown(grad)
         try:
-            features = f.op_rules.features(use, grad)
+            features = f.op_rules.features(use, grad, self.sums)
         except RuntimeError as err:
             names = f.scope.names(use.params)
             raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err

@@ -368,3 +368,32 @@ def test_per_block_vectors():
     feats, est = check_exact(model, model.block, _ids(4))
     assert est.step_plan.steps == 3 and est.step_plan.slots[model.block] == [0, 1, 2]
     check_projected(model, model.block, _ids(4))
+
+
+@pytest.mark.parametrize("build", ["casted", "bank", "gains", "tied"])
+def test_step_sums_equal_the_sum_of_steps(build):
+    """TracIn's per-pass sums (hashed once per pass where cheaper) == per-step features summed."""
+    from sdi.backend import get_backend
+    from sdi.featurize import Featurizer
+
+    torch.manual_seed(0)
+    model, targets = {
+        "casted": lambda: (m := Looped(CastedLinear).eval(), [m.fc1, m.fc2]),
+        "bank": lambda: (m := BankUNet().eval(), [m.blocks[i] for i in (1, 2, 3)]),
+        "gains": lambda: (m := Gains().eval(), [m.block]),
+        "tied": lambda: (m := Tied(True).eval(), [m.embed, m.core]),
+    }[build]()
+    for explicit in (False, True):
+        f = Featurizer(
+            model=model,
+            target_modules=targets,
+            projection_size=48,
+            backend=get_backend("torch"),
+            allow_mixed_steps=True,
+        )
+        f.rules.prefers_explicit = lambda *a, e=explicit: e
+        ids = _ids(3)
+        per_step, _ = f.compute_batch(ids, lm_loss)
+        summed, _ = f.compute_batch(ids, lm_loss, sum_steps=True)
+        f.close()
+        torch.testing.assert_close(summed, per_step.sum(1), rtol=1e-4, atol=1e-5)

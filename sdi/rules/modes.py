@@ -164,17 +164,30 @@ class StepSums:
         self.rules = rules
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._sketches: dict[nn.Parameter, torch.Tensor] = {}
+        self._in_buffer: set[nn.Parameter] = set()  # sums held in the rules' reused buffer
 
     @staticmethod
     def _add(sums: dict, param: nn.Parameter, value: torch.Tensor) -> None:
         if param in sums:
-            sums[param] += value
+            sums[param] += value.reshape(sums[param].shape)
         else:
             sums[param] = value.to(torch.float32)
 
     def add_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """Add a dense per-example gradient ``(B, numel)`` or ``(B, d_out, d_in)``."""
+        if param in self._in_buffer:  # the buffer is overwritten by the next batch: own the sum
+            self._grads[param] = self._grads[param].clone()
+            self._in_buffer.discard(param)
         self._add(self._grads, param, grad)
+
+    def add_linear(self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add ``G^T A`` ``(B, d_out, d_in)`` of a whole Linear weight, in its reused buffer."""
+        held = self._grads.get(param)
+        if held is None or param in self._in_buffer:
+            self.set_grad(param, self.rules.weight_grads(param, a, g, add=held is not None))
+            self._in_buffer.add(param)
+        else:  # the sum is a tensor of its own: add a copy (the buffer is overwritten)
+            self.add_grad(param, self.rules.weight_grads(param, a, g).clone())
 
     def set_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """Hold ``grad`` as ``param``'s running sum (a buffer the rule added to in place)."""
@@ -198,7 +211,7 @@ class StepSums:
         out = list(self._sketches.items())
         for p, grad in self._grads.items():
             out.append((p, self.rules.sketch_flat(p, grad)))
-        self._grads, self._sketches = {}, {}
+        self._grads, self._sketches, self._in_buffer = {}, {}, set()
         return out
 
 

@@ -54,13 +54,23 @@ class OpRules:
 
     def __init__(self, rules_of):
         self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
+        self._sums = None
 
     @property
     def rules(self):
         return self._rules_of()
 
-    def features(self, use: OpUse, g: torch.Tensor) -> dict:
-        """``{param: (B, width)}`` fp32 for this use; ``g`` is the grad-output, batch first."""
+    def features(self, use: OpUse, g: torch.Tensor, sums=None) -> dict:
+        """``{param: (B, width)}`` fp32 for this use; ``g`` is the grad-output, batch first.
+
+        With ``sums`` (:class:`~sdi.rules.modes.StepSums`, projected only), the use is added to
+        the pass's sums instead, hashed once per pass where that is cheaper; returns ``{}``.
+        """
+        self._sums = sums
+        out = self._features(use, g)
+        return {p: f for p, f in out.items() if f is not None}
+
+    def _features(self, use: OpUse, g: torch.Tensor) -> dict:
         if use.func in _LINEAR or use.func in _MATMUL:
             done = self._linear(use, g)
             if done is not None:
@@ -80,6 +90,9 @@ class OpRules:
         """A dense per-example gradient ``(B, *p.shape)`` as this mode's feature."""
         if self.rules.exact:
             return grad.reshape(grad.shape[0], -1).float()
+        if self._sums is not None:
+            self._sums.add_grad(p, grad.reshape(grad.shape[0], -1).float())
+            return None
         return self.rules.sketch_flat(p, grad)
 
     def _linear(self, use: OpUse, g: torch.Tensor):
@@ -108,7 +121,7 @@ class OpRules:
             _dense(use, g, bias, gt.sum(dim=1).float(), use.params, dense)
             for p, gp in dense.items():
                 f = self.finish(p, gp)
-                out[p] = out[p] + f if p in out else f
+                out[p] = out[p] + f if out.get(p) is not None and f is not None else f
         return out
 
     def _linear_block(self, view, a, g, flip: bool) -> torch.Tensor:
@@ -126,12 +139,21 @@ class OpRules:
             return full.reshape(B, -1)
         table = rules.tables[p]
         if view.whole and rules.prefers_explicit(p, a.shape[1], a.device, B):
+            if self._sums is not None:
+                self._sums.add_linear(p, a, g)
+                return None
             return rules.sketch_dense(p, rules.weight_grads(p, a, g))
         if not view.whole:
             table = TensorSketchHash(
                 _rows(table.out, view.r0, view.r1), _rows(table.inp, view.c0, view.c1)
             )
-        return rules.backend.tensor_sketch_linear(a, g, table)
+        return self._sketched(p, rules.backend.tensor_sketch_linear(a, g, table))
+
+    def _sketched(self, p, sketch: torch.Tensor) -> torch.Tensor | None:
+        if self._sums is None:
+            return sketch
+        self._sums.add_sketch(p, sketch)
+        return None
 
     def _embedding(self, use: OpUse, g: torch.Tensor):
         ids, w = use.args[0], use.args[1]
@@ -163,7 +185,11 @@ class OpRules:
             dense = torch.zeros(B * V, gt.shape[-1], device=gt.device)
             dense.index_add_(0, rows.reshape(-1), gt.reshape(-1, gt.shape[-1]).float())
             return {p: dense.reshape(B, -1)}
-        return {p: self.rules.backend.tensor_sketch_embedding(idx, gt, self.rules.tables[p])}
+        return {
+            p: self._sketched(
+                p, self.rules.backend.tensor_sketch_embedding(idx, gt, self.rules.tables[p])
+            )
+        }
 
     def _broadcast(self, use: OpUse, g: torch.Tensor):
         """``x * s`` / ``x + s``: the gradient w.r.t. ``s`` is ``g x`` / ``g`` summed over the dims
