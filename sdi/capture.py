@@ -74,17 +74,12 @@ class OpUse:
     def name(self) -> str:
         return getattr(self.func, "__qualname__", None) or getattr(self.func, "__name__", "op")
 
-    def operand(self, p: nn.Parameter) -> Operand | None:
-        """The operand ``p`` is behind (the first one, if several)."""
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        return next(
-            (x for x in leaves if isinstance(x, Operand) and p in set(x.derived.params)), None
-        )
+    batched: list = field(default_factory=list)  # its Batched arguments
 
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""
-        for x in tree_flatten((self.args, self.kwargs))[0]:
-            if isinstance(x, Batched) and x.tensor._version != x.version:
+        for x in self.batched:
+            if x.tensor._version != x.version:
                 raise RuntimeError(
                     f"an input of {self.name} was modified in place after the forward used it; "
                     "its per-example gradient would read the modified values. Compute the "
@@ -206,7 +201,12 @@ class CaptureMode(TorchFunctionMode):
     def _tag_outputs(self, func, args, kwargs, batched, out) -> int | None:
         """Mark ``out`` per-example; returns the batch dim of its first tensor (``None``: unknown)."""
         first, dim = batched[0]
-        outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            outs = list(out)
+        else:
+            outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
         if not outs:
             return None
         if dim is None or any(d is None for _, d in batched):
@@ -279,7 +279,7 @@ class CaptureMode(TorchFunctionMode):
                 return Batched(kept, dims[id(x)], kept._version)
             return x.detach()
 
-        rec_args, rec_kwargs = tree_map(record, (args, kwargs))
+        rec_args, rec_kwargs = _map(record, args), {k: _map1(record, v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
         out_dim = self._tag_outputs(func, args, kwargs, batched, out)
         first = next((o for o in tree_flatten(out)[0] if torch.is_tensor(o)), None)
@@ -291,6 +291,12 @@ class CaptureMode(TorchFunctionMode):
         if out_dim is None:
             self.scope.unknown(params, _unknown(func, params, first, self.scope, output=True))
         use = OpUse(func, rec_args, rec_kwargs, tuple(params), out_dim)
+        use.batched = [
+            y
+            for x in (*rec_args, *rec_kwargs.values())
+            for y in (x if isinstance(x, (list, tuple)) else (x,))
+            if isinstance(y, Batched)
+        ]
         keys = {p: _key(p, tracked, self.scope) for p in params}
         replaced = self.scope.record(use, first, keys)
         if replaced is first:
@@ -301,6 +307,17 @@ class CaptureMode(TorchFunctionMode):
         items, spec = tree_flatten(out)
         items[next(i for i, o in enumerate(items) if o is first)] = replaced
         return tree_unflatten(items, spec)
+
+
+def _map1(fn, x):
+    """``fn`` on ``x``, or on each item of a list / tuple ``x`` (one level, as torch functions take)."""
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(fn(y) for y in x)
+    return tree_map(fn, x) if isinstance(x, dict) else fn(x)
+
+
+def _map(fn, args: tuple) -> tuple:
+    return tuple(_map1(fn, a) for a in args)
 
 
 def _combined(func, args, kwargs, tracked) -> Derived:
