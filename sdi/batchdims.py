@@ -27,6 +27,32 @@ import torch
 _T = torch.Tensor.T.__get__
 _MT = torch.Tensor.mT.__get__
 _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "transpose_"}
+# Operations along a `dim` argument: along the batch dimension they mix the examples.
+_ALONG = {
+    "sum",
+    "mean",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "cumprod",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "std",
+    "var",
+    "norm",
+    "logsumexp",
+    "prod",
+    "median",
+    "sort",
+    "argsort",
+    "nansum",
+    "nanmean",
+    "logcumsumexp",
+    "std_mean",
+    "var_mean",
+}
 _RESHAPES = {
     "view",
     "reshape",
@@ -110,11 +136,29 @@ def _einsum(args, dims: list[int | None]) -> int | None:
     return out.index(letter) if letter in out else None
 
 
+def _couples(name: str, args, kwargs, nd: int, bd: int) -> bool:
+    """Whether the operation mixes the examples: reduces / normalises along the batch dimension,
+    or normalises with batch statistics."""
+    if name == "batch_norm":
+        return bool(_arg(args, kwargs, 5, "training", False))
+    if name not in _ALONG:
+        return False
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None or isinstance(dim, bool) or not isinstance(dim, (int, tuple, list)):
+        return False
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return any(isinstance(d, int) and _norm(d, nd) == bd for d in dims)
+
+
 def output_dim(func, args, kwargs, first: torch.Tensor, bd: int, out: torch.Tensor, B: int):
     """The batch dimension of ``out``, an output of ``func`` whose per-example input ``first``
-    (the first one among the arguments) has its batch of ``B`` on ``bd``; ``None`` if unknown."""
+    (the first one among the arguments) has its batch of ``B`` on ``bd``; ``None`` if unknown --
+    also where the operation mixes the examples (a softmax, sum or batch norm along the batch):
+    no per-example structure is left."""
     name = getattr(func, "__name__", "")
     nd = first.dim()
+    if _couples(name, args, kwargs, nd, bd):
+        return None
     if name in _TRANSPOSES:
         d0, d1 = (_norm(int(d), nd) for d in (args[1], args[2]))
         return d1 if bd == d0 else d0 if bd == d1 else bd

@@ -397,3 +397,48 @@ def test_step_sums_equal_the_sum_of_steps(build):
         summed, _ = f.compute_batch(ids, lm_loss, sum_steps=True)
         f.close()
         torch.testing.assert_close(summed, per_step.sum(1), rtol=1e-4, atol=1e-5)
+
+
+class Mixing(nn.Module):
+    """A parameter used after an operation that mixes the examples of the batch."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.w = nn.Parameter(torch.rand(D) + 0.5)
+        self.head = nn.Linear(D, V)
+        self.where = where
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.where == "softmax":
+            x = x.softmax(dim=0)  # over the batch
+        elif self.where == "batch_norm":
+            x = F.batch_norm(x.transpose(1, 2), None, None, training=True).transpose(1, 2)
+        return self.head(x * self.w)
+
+
+@pytest.mark.parametrize("where", ["softmax", "batch_norm"])
+def test_a_use_after_mixing_the_examples_is_refused_by_name(where):
+    model = Mixing(where).eval()
+    with pytest.raises(RuntimeError, match=r"mul.*\['w'\].*cannot be established"):
+        exact(model, [model], _ids(3))
+
+
+def test_an_input_changed_in_place_after_its_use_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, D)
+            self.w = nn.Parameter(torch.rand(D))
+            self.head = nn.Linear(D, V)
+
+        def forward(self, ids):
+            x = self.embed(ids) * 1.0
+            y = x * self.w
+            x.mul_(2.0)  # after the use read it
+            return self.head(y + x)
+
+    model = InPlace().eval()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        exact(model, [model.w], _ids(3))
