@@ -87,11 +87,12 @@ class OpUse:
                 )
 
 
-def tag(x, token: object, dim: int | None) -> None:
-    """Mark every tensor in ``x`` as per-example with its batch on ``dim``."""
-    for t in tree_flatten(x)[0]:
-        if torch.is_tensor(t):
-            setattr(t, _TAG, (token, dim))
+def tag(x, token: object, dim: int | None) -> int:
+    """Mark every tensor in ``x`` as per-example with its batch on ``dim``; how many."""
+    tensors = [t for t in tree_flatten(x)[0] if torch.is_tensor(t)]
+    for t in tensors:
+        setattr(t, _TAG, (token, dim))
+    return len(tensors)
 
 
 def _inplace(func) -> bool:
@@ -154,9 +155,9 @@ class CaptureMode(TorchFunctionMode):
         self.token = object()
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
 
-    def seed(self, x, dim: int) -> None:
-        """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example."""
-        tag(x, self.token, dim)
+    def seed(self, x, dim: int) -> int:
+        """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many."""
+        return tag(x, self.token, dim)
 
     def _lookup(self, t: torch.Tensor):
         hit = self._derived.get(id(t))

@@ -251,6 +251,7 @@ class Featurizer:
         self._key_names = {m: n or "<model>" for n, m in model.named_modules()}
         self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
         self._mode: CaptureMode | None = None
+        self._seed_model_args = False
 
     def _layout(self, found: list) -> Selection:
         """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
@@ -279,8 +280,10 @@ class Featurizer:
         return chosen
 
     def _seed_inputs(self, module, args, kwargs):
-        """The model's own arguments are per-example (they come from the batch)."""
-        if self._mode is not None:
+        """A batch holding no tensor (``loss_fn`` builds them, say by tokenising): the model's
+        tensor arguments are the per-example seeds instead. Otherwise the data flow from the
+        batch's tensors decides (a shared table passed to the model is not per-example)."""
+        if self._mode is not None and self._seed_model_args:
             self._mode.seed((args, kwargs), 0 if self.batch_first else 1)
         return None
 
@@ -357,7 +360,7 @@ class Featurizer:
             with CaptureMode(self.scope) as mode:
                 self._mode = mode
                 try:
-                    mode.seed(batch, bd)
+                    self._seed_model_args = mode.seed(batch, bd) == 0
                     per_example = _check_loss(loss_fn(self.model, batch))
                 finally:
                     self._mode = None

@@ -442,3 +442,18 @@ def test_an_input_changed_in_place_after_its_use_is_refused():
     model = InPlace().eval()
     with pytest.raises(RuntimeError, match="modified in place"):
         exact(model, [model.w], _ids(3))
+
+
+def test_a_batch_without_tensors_seeds_from_the_model_arguments():
+    """``loss_fn`` builds the tensors (tokenising, say): the model's arguments are per-example."""
+    torch.manual_seed(0)
+    model = Looped(CastedLinear).eval()
+    ids = _ids(4)
+    est = FullGradientTracInSDI(model=model, target_modules=[model.fc1, model.fc2])
+    feats = est.featurize_loader(
+        loader=[ids.tolist()], loss_fn=lambda m, rows: lm_loss(m, torch.tensor(rows))
+    )
+    named = dict(model.named_parameters())
+    want = oracle(model, {k: named[k] for k in feats.phi}, ids)
+    for k, f in feats.phi.items():
+        torch.testing.assert_close(f.sum(1).reshape(4, -1), want[k], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,8 @@
-"""The generic rule: any module with direct parameters that no specific rule covers.
+"""The generic rule: a module's call re-run per example, for the module's direct parameters.
+
+It serves modules whose type it is registered for, and modules whose forward hides the batch
+from the operation-level capture (an MoE router over ``x.reshape(-1, d)``): their call's arguments
+still have it (:mod:`sdi.capture`, :class:`sdi.uses.ModuleFallback`).
 
 For one use of a module, the per-example gradient w.r.t. its *direct* (selected) parameters is the
 vector-Jacobian product of the module's forward, re-run on that use's captured arguments (positional
