@@ -213,9 +213,11 @@ class CaptureMode(TorchFunctionMode):
         if dim is None or any(d is None for _, d in batched):
             found = None
         elif getattr(func, "__name__", "") == "einsum":
-            found = (
-                einsum_dim(args, [d for _, d in batched]) if len(batched) == len(args) - 1 else None
+            operands = (
+                args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
             )
+            by_id = {id(t): d for t, d in batched}
+            found = einsum_dim(args, [by_id.get(id(o)) for o in operands])
         else:
             found = output_dim(func, args, kwargs, first, dim, outs[0], int(first.shape[dim]))
         for o in outs:

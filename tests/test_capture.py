@@ -457,3 +457,40 @@ def test_a_batch_without_tensors_seeds_from_the_model_arguments():
     want = oracle(model, {k: named[k] for k in feats.phi}, ids)
     for k, f in feats.phi.items():
         torch.testing.assert_close(f.sum(1).reshape(4, -1), want[k], rtol=1e-5, atol=1e-6)
+
+
+class EinsumBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(2 * D, D) / D**0.5)  # (out, in)
+        self.w_out = nn.Parameter(torch.randn(2 * D, D) / D**0.5)  # (in, out)
+
+    def forward(self, x):
+        h = torch.tanh(torch.einsum("btd,ed->bte", x, self.w_in))
+        return x + torch.einsum("bte,ed->btd", h, self.w_out)
+
+
+class EinsumLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.block = EinsumBlock()
+        self.head = nn.Linear(D, V)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(3):
+            x = self.block(x)
+        return self.head(x)
+
+
+def test_einsum_reducing_to_a_linear_is_the_linear_rule(monkeypatch):
+    torch.manual_seed(0)
+    model = EinsumLM().eval()
+    calls = []
+    from sdi.rules import ops
+
+    monkeypatch.setattr(ops, "op_vjp", lambda *a: calls.append(a) or {})  # must not be reached
+    check_exact(model, model.block, _ids(4))
+    check_projected(model, model.block, _ids(4))
+    assert not calls

@@ -71,7 +71,7 @@ class OpRules:
         return {p: f for p, f in out.items() if f is not None}
 
     def _features(self, use: OpUse, g: torch.Tensor) -> dict:
-        if use.func in _LINEAR or use.func in _MATMUL:
+        if use.func in _LINEAR or use.func in _MATMUL or use.func is torch.einsum:
             done = self._linear(use, g)
             if done is not None:
                 return done
@@ -96,13 +96,17 @@ class OpRules:
         return self.rules.sketch_flat(p, grad)
 
     def _linear(self, use: OpUse, g: torch.Tensor):
-        x, w = use.args[0], use.args[1]
-        bias = use.args[2] if len(use.args) > 2 else use.kwargs.get("bias")
+        if use.func is torch.einsum:
+            x, w, transposed = _einsum_linear(use)
+            bias = None
+        else:
+            x, w = use.args[0], use.args[1]
+            bias = use.args[2] if len(use.args) > 2 else use.kwargs.get("bias")
+            transposed = use.func in _MATMUL  # x @ w is linear(x, w.t())
+            if transposed and (x.tensor.dim() < 2 or bias is not None or use.kwargs):
+                return None
         if not isinstance(x, Batched) or not isinstance(w, Operand) or len(w.shape) != 2:
             return None
-        if use.func in _MATMUL and (x.tensor.dim() < 2 or bias is not None or use.kwargs):
-            return None
-        transposed = use.func in _MATMUL  # x @ w is linear(x, w.t())
         a, gt = tokens(_batch_first(x)), tokens(g)
         out: dict = {}
         view = matrix_view(w.derived)
@@ -217,6 +221,34 @@ class OpRules:
         out: dict = {}
         _dense(use, g, s, grad, use.params, out)
         return out
+
+
+def _einsum_linear(use: OpUse):
+    """``(x, w, transposed)`` when ``use`` is ``einsum("...i,oi->...o", x, w)`` (``transposed``:
+    ``"...i,io->...o"``), the batch of ``x`` among its leading letters; else ``(None, None, _)``."""
+    args = use.args[1:] if len(use.args) == 3 else tuple(use.args[1]) if len(use.args) == 2 else ()
+    if len(args) != 2 or not isinstance(use.args[0], str) or use.kwargs:
+        return None, None, False
+    spec = use.args[0].replace(" ", "")
+    if "->" not in spec or "." in spec:
+        return None, None, False
+    ins, out = spec.split("->")
+    subs = ins.split(",")
+    if len(subs) != 2:
+        return None, None, False
+    if isinstance(args[0], Operand):  # w first: swap to (x, w)
+        args, subs = args[::-1], subs[::-1]
+    xs, ws = subs
+    if len(ws) != 2 or not xs or xs[:-1] != out[:-1] or len(set(xs)) != len(xs):
+        return None, None, False
+    contracted, produced = xs[-1], out[-1]
+    if contracted in out or produced in xs:
+        return None, None, False
+    if ws == produced + contracted:
+        return args[0], args[1], False
+    if ws == contracted + produced:
+        return args[0], args[1], True
+    return None, None, False
 
 
 def _rows(table: CountSketchHash, start: int, stop: int) -> CountSketchHash:
