@@ -204,10 +204,12 @@ class CaptureMode(TorchFunctionMode):
         first, dim = batched[0]
         if isinstance(out, torch.Tensor):
             outs = [out]
-        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-            outs = list(out)
-        else:
+        elif not isinstance(out, (tuple, list)):  # sizes, dtypes, numbers: fast out
+            return None
+        elif any(isinstance(o, (tuple, list, dict)) for o in out):
             outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
+        else:
+            outs = [o for o in out if isinstance(o, torch.Tensor)]
         if not outs:
             return None
         if dim is None or any(d is None for _, d in batched):
