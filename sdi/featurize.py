@@ -1,12 +1,14 @@
 """Per-example, per-step features of the selected parameters, computed during one backward pass.
 
-The :class:`Featurizer` owns the hooks (:mod:`sdi.hooks`), the per-layer rules (:mod:`sdi.rules`)
-and the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
+One path: capture -> use -> rule -> feature. The :class:`Featurizer` runs the forward under the
+operation-level capture (:mod:`sdi.capture`, :mod:`sdi.uses`) and the module hooks
+(:mod:`sdi.hooks`, for modules served by a module-level rule), sends each use's grad-output to its
+rule (:mod:`sdi.rules`) and owns the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
 features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``, summed over steps in place, when
 only the full gradient is needed (TracIn, and the train side of SDI).
 
 Featurisation freezes every model parameter for the duration of the pass: the hooks need only the
-grad-outputs of the selected modules, so backward skips every weight-gradient matmul.
+grad-outputs of the uses, so backward skips every weight-gradient matmul.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""The hook manager: pairs every use of a selected module with its own grad-output.
+"""The hook manager: module calls on the timeline, and the uses of module-level rules.
 
-A forward hook on each selected module records the call (which module, which of its uses, where in
+Every use of a module served by a module-level rule (:mod:`sdi.selection`) is its call; other
+parameters are captured at the operation (:mod:`sdi.capture`), whose uses pair with their
+grad-outputs through the same :func:`watch_grad`. A forward hook on each such module records the call (which module, which of its uses, where in
 the forward timeline) and hangs a tensor hook on the module's output. The call's arguments --
 positional and keyword, as a :class:`Call` -- live in that tensor hook's closure, so whenever autograd
 produces the output's gradient -- in whatever order, however the graph branches, and even if the
@@ -13,7 +15,7 @@ logits of an MoE block feeding an auxiliary loss) would be missed by the rules, 
 rather than a silently partial feature.
 
 The log also keeps the timeline :mod:`sdi.steps` reads: every call's enter and exit tick on one clock,
-for the selected modules and for the extra ``span_modules`` (e.g. the loop layers the user passed as
+for those modules and for the extra ``span_modules`` (e.g. the loop layers the user passed as
 ``target_modules``, which may own no parameter directly), and which buffers a call changed.
 
 Outside :meth:`HookManager.capture` the hooks return at once and keep nothing; inside
