@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import prune
 
 from sdi import FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.sketch import CountSketchHash, sketch_matrix_explicit
@@ -494,3 +495,13 @@ def test_einsum_reducing_to_a_linear_is_the_linear_rule(monkeypatch):
     check_exact(model, model.block, _ids(4))
     check_projected(model, model.block, _ids(4))
     assert not calls
+
+
+def test_a_pruned_linear_attributes_its_trained_weight():
+    """``prune`` keeps ``weight_orig`` (trained) and computes ``weight = weight_orig * mask``."""
+    torch.manual_seed(0)
+    model = Looped(passes=2).eval()
+    prune.random_unstructured(model.fc1, "weight", amount=0.4)
+    feats, _ = check_exact(model, [model.fc1, model.fc2], _ids(3))
+    mask = model.fc1.weight_mask.reshape(-1).bool()
+    assert feats["fc1.weight_orig"].sum(1)[:, ~mask].eq(0).all()
