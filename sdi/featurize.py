@@ -250,7 +250,6 @@ class Featurizer:
         self._pass: _Pass | None = None
         self._closed = False
         self.hooks, self.scope = _capture(self, chosen)
-        self._key_names = {m: n or "<model>" for n, m in model.named_modules()}
         self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
         self._mode: CaptureMode | None = None
         self._seed_model_args = False
@@ -288,11 +287,6 @@ class Featurizer:
         if self._mode is not None and self._seed_model_args:
             self._mode.seed((args, kwargs), 0 if self.batch_first else 1)
         return None
-
-    def _key_name(self, key) -> str:
-        if isinstance(key, tuple):
-            return f"{self.scope.names([key[0]])[0]}[{key[1]}]"
-        return self._key_names.get(key, type(key).__name__)
 
     @property
     def closed(self) -> bool:
@@ -369,7 +363,7 @@ class Featurizer:
             _check_used(log, self.blocks)
             plan = plan_steps(
                 log,
-                {key: self._key_name(key) for key in log.entries},
+                {key: self.scope.key_name(key) for key in log.entries},
                 expected_steps=self.expected_steps,
                 allow_mixed_steps=self.allow_mixed_steps,
             )

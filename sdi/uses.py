@@ -65,6 +65,7 @@ class ParamScope(Scope):
         self.trainable: set[int] = set()  # ids of the parameters trainable before featurising
         self.found: set = set()  # parameters found in use inside selected calls
         self.frozen_layout = False  # set once a batch's features were computed
+        self._module_names: dict | None = None
 
     def param_of(self, t: torch.Tensor) -> nn.Parameter | None:
         p = self._by_id.get(id(t))
@@ -72,6 +73,14 @@ class ParamScope(Scope):
 
     def owner(self, p: nn.Parameter) -> nn.Module | None:
         return self._owners.get(p)
+
+    def key_name(self, key) -> str:
+        """How the step plan shows a timeline key: a module's name, or ``bank[i]``."""
+        if isinstance(key, tuple):
+            return f"{self._names.get(key[0], '?')}[{key[1]}]"
+        if self._module_names is None:
+            self._module_names = {m: n or "<model>" for n, m in self.hooks.root.named_modules()}
+        return self._module_names.get(key, type(key).__name__)
 
     def names(self, params) -> list[str]:
         return [self._names.get(p, "?") for p in params]
