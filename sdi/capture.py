@@ -137,6 +137,11 @@ class Scope:
         """Whether a use of ``p`` by ``func`` here counts (raises for a use that cannot count)."""
         return False
 
+    def watch_others(self, what: str, out, first: torch.Tensor):
+        """``out`` with a refusing grad hook on each tensor beside ``first`` (see
+        :func:`sdi.hooks.watch_other_outputs`)."""
+        return out
+
     def unknown(self, params, message: str) -> None:
         """A use of ``params`` whose per-example structure is not known: raises."""
         raise RuntimeError(message)
@@ -303,6 +308,7 @@ class CaptureMode(TorchFunctionMode):
             if isinstance(y, Batched)
         ]
         keys = {p: _key(p, tracked, self.scope) for p in params}
+        out = self.scope.watch_others(_op_name(func), out, first)
         replaced = self.scope.record(use, first, keys)
         if replaced is first:
             return out

@@ -291,7 +291,7 @@ class HookManager:
         kept = out.detach().clone() if use == 0 and module in self._keep_output else None
         args, kwargs = _bound(module, args, kwargs)
         call = Call(_detached(tuple(args)), _detached(dict(kwargs)), kept)
-        watched = _watch_other_outputs(log, module, output, out)
+        watched = watch_other_outputs(log, type(module).__name__, output, out)
 
         def on_grad(grad: torch.Tensor) -> None:
             self._on_grad(module, use, call, grad)
@@ -304,7 +304,7 @@ class HookManager:
         return watched if new is out else _replace_first(watched, new)
 
 
-def _watch_other_outputs(log: CallLog, module: nn.Module, output, first: torch.Tensor):
+def watch_other_outputs(log: CallLog, what: str, output, first: torch.Tensor):
     """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
     An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
@@ -324,10 +324,10 @@ def _watch_other_outputs(log: CallLog, module: nn.Module, output, first: torch.T
         def refuse(grad: torch.Tensor, index=index) -> None:
             if bool(grad.ne(0).any()):
                 raise RuntimeError(
-                    f"output {index} of {type(module).__name__} (a tensor beside its first "
-                    "output) carries a gradient to the loss; per-example rules differentiate "
-                    "the first tensor output only, so the feature would miss that path. "
-                    "Select the submodules that compute that output instead."
+                    f"output {index} of {what} (a tensor beside its first output) carries a "
+                    "gradient to the loss; per-example rules differentiate the first tensor "
+                    "output only, so the feature would miss that path. Select the submodules "
+                    "that compute that output instead, or use that output alone."
                 )
 
         other.register_hook(refuse)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .capture import OpUse, Scope
-from .hooks import HookManager, watch_grad
+from .hooks import HookManager, watch_grad, watch_other_outputs
 
 
 class Found(Exception):
@@ -113,6 +113,9 @@ class ParamScope(Scope):
         if module is not None and module is not self.hooks.root and self.hooks.active(module):
             raise ModuleFallback(module, message)
         raise RuntimeError(message)
+
+    def watch_others(self, what: str, out, first: torch.Tensor):
+        return watch_other_outputs(self.hooks.log, what, out, first)
 
     def record(self, use: OpUse, out: torch.Tensor, keys: dict) -> torch.Tensor:
         log = self.hooks.log

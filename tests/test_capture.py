@@ -505,3 +505,29 @@ def test_a_pruned_linear_attributes_its_trained_weight():
     feats, _ = check_exact(model, [model.fc1, model.fc2], _ids(3))
     mask = model.fc1.weight_mask.reshape(-1).bool()
     assert feats["fc1.weight_orig"].sum(1)[:, ~mask].eq(0).all()
+
+
+def test_a_gradient_through_an_operations_second_output_is_refused():
+    """``F.multi_head_attention_forward`` returns the attention weights beside its output: a loss
+    using them would need their path too, which the rule (first output) does not follow."""
+
+    class WithWeights(nn.Module):
+        def __init__(self, use_weights: bool):
+            super().__init__()
+            self.embed = nn.Embedding(V, D)
+            self.mha = nn.MultiheadAttention(D, 2, batch_first=True)
+            self.head = nn.Linear(D, V)
+            self.use_weights = use_weights
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            y, weights = self.mha(x, x, x, need_weights=True)
+            out = self.head(y)
+            return out + weights.sum(-1, keepdim=True) if self.use_weights else out
+
+    torch.manual_seed(0)
+    plain = WithWeights(False).eval()
+    check_exact(plain, plain.mha, _ids(3))
+    model = WithWeights(True).eval()
+    with pytest.raises(RuntimeError, match="output 1 of multi_head_attention_forward"):
+        exact(model, model.mha, _ids(3))
