@@ -63,12 +63,18 @@ class _MaskedRules:
                 "modules with a position dimension, or use by_parameter= of "
                 "influence_across_checkpoints for the split by weights alone"
             )
-        self.lengths.add(g.shape[1])  # g is batch first here, positions next
-        if self.position is not None:
-            masked = torch.zeros_like(g)
-            masked[:, self.position] = g[:, self.position]
-            g = masked
-        return self._rules.features(module, params, activations, g, call, batch_dim)
+        return self._rules.features(
+            module, params, activations, self.shown_grad(g), call, batch_dim
+        )
+
+    def shown_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` (batch first, positions next) masked to the position; also for captured uses."""
+        self.lengths.add(g.shape[1])
+        if self.position is None:
+            return g
+        masked = torch.zeros_like(g)
+        masked[:, self.position] = g[:, self.position]
+        return masked
 
 
 @contextmanager

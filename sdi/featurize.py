@@ -1,12 +1,14 @@
 """Per-example, per-step features of the selected parameters, computed during one backward pass.
 
-The :class:`Featurizer` owns the hooks (:mod:`sdi.hooks`), the per-layer rules (:mod:`sdi.rules`)
-and the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
+One path: capture -> use -> rule -> feature. The :class:`Featurizer` runs the forward under the
+operation-level capture (:mod:`sdi.capture`, :mod:`sdi.uses`) and the module hooks
+(:mod:`sdi.hooks`, for modules served by a module-level rule), sends each use's grad-output to its
+rule (:mod:`sdi.rules`) and owns the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
 features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``, summed over steps in place, when
 only the full gradient is needed (TracIn, and the train side of SDI).
 
 Featurisation freezes every model parameter for the duration of the pass: the hooks need only the
-grad-outputs of the selected modules, so backward skips every weight-gradient matmul.
+grad-outputs of the uses, so backward skips every weight-gradient matmul.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .capture import CaptureMode, OpUse
 from .diagnose import (
     SCALAR_SUM_LOSS,
     never_ran_error,
@@ -29,9 +32,12 @@ from .diagnose import (
 from .freezing import requires_grad_set
 from .hooks import Call, HookManager
 from .outputs import FeatureSet
-from .rules import ExactRules, SketchRules, check_supported
+from .rules import GENERIC, ExactRules, SketchRules
+from .rules.ops import OpRules
+from .selection import Selection, enclosing, select
 from .sizes import check_features_fit
 from .steps import StepPlan, plan_steps
+from .uses import Found, ModuleFallback, ParamScope
 from .validation import warn_outside_package
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -50,7 +56,7 @@ class ParamBlock:
 
 @dataclass
 class _Pass:
-    """State of the backward pass in flight."""
+    """The backward pass in flight: each use's grad-output through its rule into its columns."""
 
     plan: StepPlan
     out: torch.Tensor | None  # (B, steps, D) per step, if wanted
@@ -58,18 +64,73 @@ class _Pass:
     scale: float
     sums: Any = None  # the rules' step-sum accumulator when summing over steps, if they have one
 
+    @property
+    def per_use(self) -> bool:
+        """Whether each use's own features are needed: per step, or for a sum that the rules
+        keep no step sums of (exact features)."""
+        return self.out is not None or self.sums is None
+
+    def _add(self, columns: slice, slot: int, feature: torch.Tensor) -> None:
+        if self.out is not None:
+            self.out[:, slot, columns] += feature
+        if self.out_sum is not None and self.sums is None:
+            self.out_sum[:, columns] += feature
+
+    @torch.no_grad()
+    def module_grad(self, f: Featurizer, module: nn.Module, use: int, call, grad) -> None:
+        """A use of a module served by a module-level rule."""
+        if self.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
+            grad = grad * self.scale
+        activations = call.tensors
+        if not f.batch_first:
+            grad = grad.movedim(1, 0)
+            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
+        params = f._module_params[module]
+        batch_dim = 0 if f.batch_first else 1
+        try:
+            with f.hooks.paused():  # a rule may re-run the module's forward
+                if self.sums is not None:
+                    self.sums.add(module, params, activations, grad, call, batch_dim)
+                if not self.per_use:
+                    return
+                features = f.rules.features(module, params, activations, grad, call, batch_dim)
+        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
+            names = [b.name for b in f.blocks if b.module is module]
+            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
+        slot = self.plan.slots[module][use]
+        for p, feature in zip(params, features, strict=True):
+            self._add(f._columns[p], slot, feature)
+
+    @torch.no_grad()
+    def op_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
+        """A use captured at the operation (:mod:`sdi.capture`)."""
+        use.check_unchanged()
+        if self.scale != 1.0:
+            grad = grad * self.scale
+        grad = grad.movedim(use.out_dim, 0)
+        shown = getattr(f.rules, "shown_grad", None)  # explain's position masks
+        if shown is not None:
+            grad = shown(grad)
+        try:
+            if self.sums is not None:  # what the sums do not hold goes to the sum directly
+                for p, feature in f.op_rules.features(use, grad, self.sums).items():
+                    self.out_sum[:, f._columns[p]] += feature
+            features = f.op_rules.features(use, grad) if self.per_use else {}
+        except RuntimeError as err:
+            names = f.scope.names(use.params)
+            raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err
+        for p, feature in features.items():
+            key, entry = use.slots[p]
+            self._add(f._columns[p], self.plan.slots[key][entry], feature)
+
 
 def _check_loss(loss: Any) -> torch.Tensor:
     """``loss_fn``'s result, refused unless it is a scalar or a vector ``(B,)`` of ``B > 0``."""
     if not torch.is_tensor(loss):
-        raise TypeError(
-            f"loss_fn must return a tensor, got {type(loss).__name__}: return the per-example "
-            "losses, a tensor of shape (B,)"
-        )
+        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
     if loss.dim() > 1:
         raise ValueError(
-            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}: "
-            "reduce every dimension but the batch (per-token losses (B, T): .mean(dim=1))"
+            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
         )
     if loss.numel() == 0:
         raise ValueError(
@@ -93,30 +154,71 @@ def _check_loss_length(loss: torch.Tensor, batch: int, batch_first: bool) -> Non
     )
 
 
-def _selected_params(target_modules: Sequence[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    params = []
-    for module in target_modules:
-        for p in module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
+def _batch_loss(per_example: torch.Tensor, B: int, batch_first: bool, reduction: str):
+    """The scalar to run backward on, after checking ``per_example`` against the batch ``B``."""
+    _check_loss_length(per_example, B, batch_first)
+    if B == 0:
+        raise ValueError(
+            "the selected modules saw a batch of 0 examples: sdi refuses empty batches "
+            "(drop them from the loader)"
+        )
+    if per_example.dim() == 0:
+        loss = per_example
+    else:
+        loss = per_example.sum() if reduction == "sum" else per_example.mean()
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "the loss does not depend on the outputs of the selected modules: loss_fn "
+            "must compute the loss from this call of the model (not a detached or cached "
+            "value), through the target_modules"
+        )
+    return loss
 
 
-def _enclosing(model: nn.Module, owners) -> list[nn.Module]:
-    """Every module that contains an owner of selected parameters (the loop layers among them):
-    :mod:`sdi.steps` finds the loop passes from their calls as well."""
-    parent: dict[nn.Module, nn.Module] = {}
-    for module in model.modules():
-        for child in module.children():
-            parent.setdefault(child, module)
-    out: dict[nn.Module, None] = {}
-    for module in owners:
-        while module in parent:
-            module = parent[module]
-            out[module] = None
-    return list(out)
+def _check_log(log, blocks: list[ParamBlock], strict: bool, batch_dim: int) -> None:
+    """Refuse a forward that changed a selected module's buffers (strict), or mixed batch sizes."""
+    if strict and log.mutated_buffers:
+        module, buffers = next(iter(log.mutated_buffers.items()))
+        param = next(b.name for b in blocks if b.module is module)
+        raise NotImplementedError(
+            f"parameter {param!r}: the forward of its module ({type(module).__name__}) "
+            f"changed its buffers {buffers}, so its per-example gradients are not defined "
+            "in strict mode (pass strict=False to ignore the buffers)"
+        )
+    if len(log.batch_sizes) != 1:
+        raise RuntimeError(
+            f"selected modules saw different batch sizes {sorted(log.batch_sizes)} along "
+            f"dimension {batch_dim} of their outputs (batch_first={batch_dim == 0}): every "
+            "selected module must see the batch on that dimension; check batch_first, or select "
+            "modules of one layout"
+        )
+
+
+def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
+    """The hook manager and the capture scope of a featuriser."""
+    owner = chosen.owner
+    op_owners = [owner[p][1] for p in chosen.params if owner[p][1] not in f._module_params]
+    every_owner = [owner[p][1] for p in chosen.params]
+    hooks = HookManager(
+        list(f._module_params),
+        f._on_grad,
+        batch_dim=0 if f.batch_first else 1,
+        # they time the passes, and group a module's operations into one use
+        span_modules=[*op_owners, *chosen.targets, *enclosing(f.model, every_owner)],
+        keep_output=[m for m, r in chosen.module_rules.items() if f.strict and r.keeps_output],
+        owners=every_owner,
+        root=f.model,
+    )
+    scope = ParamScope(
+        names=chosen.names,
+        selected=set(chosen.params),
+        owners={p: o[1] for p, o in owner.items()},
+        module_rule_owner={p: m for m, ps in f._module_params.items() for p in ps},
+        targets=set(chosen.targets),
+        hooks=hooks,
+        on_grad=f._on_op_grad,
+    )
+    return hooks, scope
 
 
 class Featurizer:
@@ -151,8 +253,6 @@ class Featurizer:
     ):
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        if isinstance(target_modules, nn.Module):
-            target_modules = [target_modules]
         self.model = model
         self.loss_reduction = loss_reduction
         self.batch_first = bool(batch_first)
@@ -161,83 +261,52 @@ class Featurizer:
         self.strict = bool(strict)
         self.step_plan: StepPlan | None = None  # of the last forward pass
 
-        selected = _selected_params(list(target_modules))
-        if not selected:
-            raise ValueError(
-                "target_modules hold no trainable parameters (all have requires_grad=False, or "
-                "the modules own none): select the modules whose parameters you want analysed, "
-                "with requires_grad=True"
-            )
-        devices = {p.device for p in selected}
-        if len(devices) > 1:
-            raise ValueError(
-                f"selected parameters span several devices: {sorted(map(str, devices))}: move "
-                "the model to one device (model.to(device)) before building the estimator"
-            )
-        names = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(p, name)
-        missing = [p for p in selected if p not in names]
-        if missing:
-            raise ValueError(
-                "target_modules hold parameters that are not parameters of model: pass modules "
-                "of the very model object that loss_fn runs (not of a copy)"
-            )
-
-        # Owning modules in model order: the order the hash tables are drawn in.
-        selected_set = set(selected)
-        owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}
-        self._module_params: dict[nn.Module, list[nn.Parameter]] = {}
-        module_rules = {}
-        for module_name, module in model.named_modules():
-            direct = [p for p in module.parameters(recurse=False) if p in selected_set]
-            for p in direct:
-                if p in owner:
-                    raise ValueError(
-                        f"parameter {names[p]!r} is owned by two selected modules ({owner[p][0]!r} "
-                        f"and {module_name!r}): sdi pairs each parameter with one module's calls. "
-                        "Select only one of them, or let one module own the parameter"
-                    )
-                module_rules[module] = check_supported(
-                    module, module_name, p, names[p], strict=strict, exact=projection_size is None
-                )
-                owner[p] = (module_name, module)
-            if direct:
-                self._module_params[module] = direct
-
-        draw_order = [p for params in self._module_params.values() for p in params]
-        if projection_size is None:
-            self.rules = ExactRules(rules=module_rules)
-        else:
-            draw_owners = [m for m, params in self._module_params.items() for _ in params]
-            self.rules = SketchRules(
-                draw_order, projection_size, seed, backend, draw_owners, module_rules
-            )
-
-        self.blocks: list[ParamBlock] = []
-        start = 0
-        for p in selected:
-            width = self.rules.width(p)
-            shape = tuple(p.shape) if self.rules.exact else (width,)
-            self.blocks.append(
-                ParamBlock(names[p], p, owner[p][1], slice(start, start + width), shape)
-            )
-            start += width
-        self.width = start
-        self.projection_size = projection_size
-        self._columns = {b.param: b.columns for b in self.blocks}
-        self.device = next(iter(devices))
-        check_features_fit(**self._size_of_features())  # one example at one step must fit
+        self._targets, self._sketch = target_modules, (projection_size, seed, backend)
+        self._fallbacks: list[nn.Module] = []
+        chosen = self._layout([])
+        self.device = chosen.params[0].device
         self._pass: _Pass | None = None
         self._closed = False
+        self.hooks, self.scope = _capture(self, chosen)
+        check_features_fit(**_feature_size(self))  # one example at one step must fit
         self._warned_scalar_sum = self._said_no_step = False  # once per call (start_call)
-        self.hooks = HookManager(
-            list(self._module_params),
-            self._on_grad,
-            batch_dim=0 if self.batch_first else 1,
-            span_modules=_enclosing(model, self._module_params),  # they time the passes
-            keep_output=[m for m, r in module_rules.items() if strict and r.keeps_output],
-        )
+        self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
+        self._mode: CaptureMode | None = None
+        self._seed_model_args = False
+
+    def _layout(self, found: list) -> Selection:
+        """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
+        m, seed, backend = self._sketch
+        chosen = select(self.model, self._targets, strict=self.strict, exact=m is None, found=found)
+        self._module_params = chosen.module_params  # modules served by module-level rules
+        if m is None:
+            self.rules = ExactRules(rules=chosen.module_rules)
+        else:
+            self.rules = SketchRules(
+                chosen.draw_order, m, seed, backend, chosen.draw_owners, chosen.module_rules
+            )
+        self.op_rules = OpRules(lambda: self.rules)
+        self.blocks: list[ParamBlock] = []
+        start = 0
+        for p in chosen.params:
+            width = self.rules.width(p)
+            shape = tuple(p.shape) if self.rules.exact else (width,)
+            name, owner = chosen.names[p], chosen.owner[p][1]
+            self.blocks.append(ParamBlock(name, p, owner, slice(start, start + width), shape))
+            start += width
+        self.width = start
+        self._columns = {b.param: b.columns for b in self.blocks}
+        for module in self._fallbacks:
+            self._serve_by_generic_rule(module, None)
+        return chosen
+
+    def _seed_inputs(self, module, args, kwargs):
+        """A batch holding no tensor (``loss_fn`` builds them, say by tokenising): the model's
+        tensor arguments are the per-example seeds instead. Otherwise the data flow from the
+        batch's tensors decides (a shared table passed to the model is not per-example)."""
+        if self._mode is not None and self._seed_model_args:
+            self._mode.seed((args, kwargs), 0 if self.batch_first else 1)
+        return None
 
     @property
     def closed(self) -> bool:
@@ -246,6 +315,7 @@ class Featurizer:
 
     def close(self) -> None:
         self.hooks.close()
+        self._seed_handle.remove()
         self._closed = True
 
     def start_call(self) -> None:
@@ -277,48 +347,70 @@ class Featurizer:
         the detached per-example losses ``(B,)`` (a scalar loss repeated ``B`` times): for the
         report of non-finite losses (:class:`sdi.validation.NonFiniteRows`).
         """
-        per_step, summed, steps = self._compute(batch, loss_fn, not sum_steps, sum_steps, on_losses)
+        per_step, summed, steps = self._featurize(batch, loss_fn, not sum_steps, on_losses)
         return (summed if sum_steps else per_step), steps
 
     def compute_batch_both(
-        self,
-        batch: Any,
-        loss_fn: LossFn,
-        *,
-        on_losses: Callable[[torch.Tensor], Any] | None = None,
+        self, batch: Any, loss_fn: LossFn, *, on_losses: Callable[[torch.Tensor], Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``((B, steps, D), (B, D), steps)``: both results of :meth:`compute_batch` from one
-        forward and backward, each bitwise equal to its own call (``sum_steps=False`` / ``True``).
+        forward and backward, each bitwise equal to its own call (``sum_steps=False`` / ``True``):
+        every use is featurised both ways, as each call would (per-use features, and the rules'
+        step sums with gradient buffers of their own). For a set that is both train and query."""
+        return self._featurize(batch, loss_fn, True, on_losses, summed=True)
 
-        Every use is featurised both ways, as each call would do it (per-use features into the
-        per-step tensor, and the rules' step sums -- with their own gradient buffers -- for the
-        sum): only the forward and backward are shared. For a set that is both train and query.
-        """
-        return self._compute(batch, loss_fn, True, True, on_losses)
-
-    def _compute(
-        self,
-        batch: Any,
-        loss_fn: LossFn,
-        per_step: bool,
-        summed: bool,
-        on_losses: Callable[[torch.Tensor], Any] | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        """``(per-step features or None, summed features or None, steps)`` of one batch."""
+    def _featurize(self, batch, loss_fn, per_step: bool, on_losses, summed: bool | None = None):
+        """``(per-step features or None, summed features or None, steps)``; ``summed`` defaults
+        to ``not per_step``. Re-runs the batch when the capture finds a parameter to add."""
         self.check_open()
+        summed = not per_step if summed is None else summed
+        while True:  # at most twice per parameter of the model
+            try:
+                out = self._compute(batch, loss_fn, per_step, summed, on_losses)
+                self.scope.frozen_layout = True
+                return out
+            except ModuleFallback as fallback:
+                self._fallbacks.append(fallback.module)
+                self._serve_by_generic_rule(fallback.module, fallback)
+            except Found as found:
+                self.scope.found.add(found.param)
+                self._layout(
+                    [b.param for b in self.blocks if b.param in self.scope.found] + [found.param]
+                )
+
+    def _serve_by_generic_rule(self, module: nn.Module, why: Exception) -> None:
+        """Serve ``module``'s selected parameters by the generic module-level rule from now on
+        (an operation in its forward hides the batch, so its uses are taken at the call)."""
+        if why is not None and module in self._module_params:
+            raise RuntimeError(str(why)) from why
+        params = [b.param for b in self.blocks if b.module is module]
+        self.rules.use_rule(module, GENERIC)
+        self._module_params[module] = params
+        self.scope.module_rule_owner.update(dict.fromkeys(params, module))
+        self.hooks.add_rule_module(module, keep_output=self.strict)
+
+    def _compute(self, batch, loss_fn, per_step: bool, summed: bool, on_losses):
         # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
         params = list(self.model.parameters())
+        self.scope.trainable = {id(p) for p in params if p.requires_grad}
+        bd = 0 if self.batch_first else 1
         with requires_grad_set(params, False), self.hooks.capture() as log:
-            per_example = _check_loss(loss_fn(self.model, batch))
-            unused = {b.name: b.module for b in self.blocks if not log.uses.get(b.module)}
+            with CaptureMode(self.scope) as mode:
+                self._mode = mode
+                try:
+                    self._seed_model_args = mode.seed(batch, bd) == 0
+                    per_example = _check_loss(loss_fn(self.model, batch))
+                finally:
+                    self._mode = None
+            unused = {b.name: b.module for b in self.blocks if b.param not in log.used}
             if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
-                return self._without_uses(
-                    unused, batch, loss_fn, per_example, per_step, summed, on_losses
+                return _without_uses(
+                    self, unused, batch, loss_fn, per_example, per_step, summed, on_losses
                 )
             try:
                 plan = plan_steps(
                     log,
-                    {b.name: b.module for b in self.blocks},
+                    {key: self.scope.key_name(key) for key in log.entries},
                     expected_steps=self.expected_steps,
                     allow_mixed_steps=self.allow_mixed_steps,
                 )
@@ -329,52 +421,24 @@ class Featurizer:
                     raise root_selection_error(self.model, root, why) from err
                 raise
             self.step_plan = plan
-            if self.strict and log.mutated_buffers:
-                module, buffers = next(iter(log.mutated_buffers.items()))
-                param = next(b.name for b in self.blocks if b.module is module)
-                raise NotImplementedError(
-                    f"parameter {param!r}: the forward of its module ({type(module).__name__}) "
-                    f"changed its buffers {buffers}, so its per-example gradients are not defined "
-                    "in strict mode (pass strict=False to ignore the buffers)"
-                )
-            if len(log.batch_sizes) != 1:
-                raise RuntimeError(
-                    f"selected modules saw different batch sizes {sorted(log.batch_sizes)} along "
-                    f"dimension {0 if self.batch_first else 1} of their outputs "
-                    f"(batch_first={self.batch_first}): every selected module must see the batch "
-                    "on that dimension; check batch_first, or select modules of one layout"
-                )
+            _check_log(log, self.blocks, self.strict, bd)
             B = log.batch_sizes.pop()
-            _check_loss_length(per_example, B, self.batch_first)
-            if B == 0:
-                raise ValueError(
-                    "the selected modules saw a batch of 0 examples: sdi refuses empty batches "
-                    "(drop them from the loader)"
-                )
+            loss = _batch_loss(per_example, B, self.batch_first, self.loss_reduction)
             if on_losses is not None:
                 on_losses(per_example.detach().expand(B))
-            if per_example.dim() == 0:
-                if self.loss_reduction == "sum" and not self._warned_scalar_sum:
-                    self._warned_scalar_sum = True
-                    warn_outside_package(SCALAR_SUM_LOSS, UserWarning)
-                loss = per_example
-            else:
-                loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
+            scalar_sum = per_example.dim() == 0 and self.loss_reduction == "sum"
+            if scalar_sum and not self._warned_scalar_sum:
+                self._warned_scalar_sum = True
+                warn_outside_package(SCALAR_SUM_LOSS, UserWarning)
             # Per-step features, the step sum, or both (a set that is both train and query).
-            steps_held = (plan.steps if per_step else 0) + (1 if summed else 0)
-            check_features_fit(**self._size_of_features(), batch=B, steps=steps_held)
+            held = (plan.steps if per_step else 0) + (1 if summed else 0)
+            check_features_fit(**_feature_size(self), batch=B, steps=held)
             zeros = partial(torch.zeros, dtype=torch.float32, device=self.device)
             out = zeros(B, plan.steps, self.width) if per_step else None
             out_sum = zeros(B, self.width) if summed else None
-            if not loss.requires_grad:
-                raise RuntimeError(
-                    "the loss does not depend on the outputs of the selected modules: loss_fn "
-                    "must compute the loss from this call of the model (not a detached or cached "
-                    "value), through the target_modules"
-                )
             scale = float(B) if self.loss_reduction == "mean" else 1.0
             # Rules with step sums hash each parameter once per pass instead of once per use;
-            # next to per-step features they sum into buffers of their own (``separate``).
+            # beside per-step features they sum into buffers of their own (``separate``).
             step_sums = getattr(self.rules, "step_sums", None) if summed else None
             sums = step_sums(separate=per_step) if step_sums is not None else None
             self._pass = _Pass(plan, out, out_sum, scale, sums)
@@ -387,80 +451,13 @@ class Featurizer:
                     out_sum[:, self._columns[p]] += feature
         return out, out_sum, plan.steps
 
-    def _size_of_features(self) -> dict:
-        """What :func:`sdi.sizes.check_features_fit` needs besides the batch and steps."""
-        return dict(
-            width=self.width,
-            params=len(self.blocks),
-            projection_size=self.projection_size,
-            device=self.device,
-        )
-
-    def _without_uses(self, unused, batch, loss_fn, per_example, per_step, summed, on_losses):
-        """Features of a batch in which the selected parameters in ``unused`` saw no use: an
-        error saying why (:func:`sdi.diagnose.unused_error`), or, when no selected module ran at
-        all (a loop halted before its first step), zero features as :meth:`_compute` returns
-        them: ``((B, steps, D) or None, (B, D) or None, steps)``."""
-        with self.hooks.paused():
-            error = unused_error(self.model, unused, lambda: loss_fn(self.model, batch))
-        if error is not None:
-            raise error
-        if len(unused) < len(self.blocks):
-            raise never_ran_error(
-                list(unused), [b.name for b in self.blocks if b.name not in unused]
-            )
-        if per_example.dim() == 0:
-            raise ValueError(
-                "no selected module ran for this batch and loss_fn returned a scalar, so its "
-                "number of examples is unknown: return per-example losses (B,)"
-            )
-        batch_size = per_example.shape[0]
-        last = self.step_plan.steps if self.step_plan is not None else 0
-        steps = self.expected_steps if self.expected_steps is not None else last
-        if not self._said_no_step:
-            self._said_no_step = True
-            warn_outside_package(no_step_warning(batch_size, steps), RuntimeWarning)
-        if on_losses is not None:
-            on_losses(per_example.detach())
-        modules = {b.module: [] for b in self.blocks}
-        self.step_plan = StepPlan(steps, modules, [f"pass {t}" for t in range(steps)])
-        zeros = partial(torch.zeros, dtype=torch.float32, device=self.device)
-        out = zeros(batch_size, steps, self.width) if per_step else None
-        out_sum = zeros(batch_size, self.width) if summed else None
-        return out, out_sum, steps
-
-    @torch.no_grad()
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
-        state = self._pass
-        if state is None:  # a backward outside compute_batch (e.g. a retained graph): not ours
-            return
-        if state.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
-            grad = grad * state.scale
-        activations = call.tensors
-        if not self.batch_first:
-            grad = grad.movedim(1, 0)
-            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
-        params = self._module_params[module]
-        batch_dim = 0 if self.batch_first else 1
-        # The sum takes per-use features only where the rules keep no step sums (exact rules).
-        sum_per_use = state.out_sum is not None and state.sums is None
-        try:
-            with self.hooks.paused():  # a rule may re-run the module's forward
-                if state.sums is not None:
-                    state.sums.add(module, params, activations, grad, call, batch_dim)
-                if state.out is None and not sum_per_use:
-                    return
-                features = self.rules.features(module, params, activations, grad, call, batch_dim)
-        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
-            names = [b.name for b in self.blocks if b.module is module]
-            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
-        slot = state.plan.slots[module][use]
-        for p, feature in zip(params, features, strict=True):
-            columns = self._columns[p]
-            if sum_per_use:
-                state.out_sum[:, columns] += feature
-            if state.out is not None:
-                state.out[:, slot, columns] += feature
+        if self._pass is not None:  # else a backward outside compute_batch: not ours
+            self._pass.module_grad(self, module, use, call, grad)
+
+    def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
+        if self._pass is not None:
+            self._pass.op_grad(self, use, grad)
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
         """View a ``(N, steps, D)`` feature tensor as the per-parameter dict of :class:`FeatureSet`."""
@@ -468,3 +465,44 @@ class Featurizer:
         return FeatureSet(
             {b.name: flat[:, :, b.columns].reshape(n, steps, *b.shape) for b in self.blocks}, steps
         )
+
+
+def _feature_size(f: Featurizer) -> dict:
+    """What :func:`sdi.sizes.check_features_fit` needs of a featuriser besides batch and steps."""
+    projection_size = None if f.rules.exact else f.rules.m
+    return dict(
+        width=f.width, params=len(f.blocks), projection_size=projection_size, device=f.device
+    )
+
+
+def _without_uses(f: Featurizer, unused, batch, loss_fn, per_example, per_step, summed, on_losses):
+    """Features of a batch in which the selected parameters in ``unused`` (name -> owning module)
+    saw no use: an error saying why (:func:`sdi.diagnose.unused_error`), or, when no selected
+    module ran at all (a loop halted before its first step), zero features as
+    :meth:`Featurizer._compute` returns them: ``((B, steps, D) or None, (B, D) or None, steps)``."""
+    with f.hooks.paused():
+        error = unused_error(f.model, unused, lambda: loss_fn(f.model, batch))
+    if error is not None:
+        raise error
+    if len(unused) < len(f.blocks):
+        raise never_ran_error(list(unused), [b.name for b in f.blocks if b.name not in unused])
+    if per_example.dim() == 0:
+        raise ValueError(
+            "no selected module ran for this batch and loss_fn returned a scalar, so its "
+            "number of examples is unknown: return per-example losses (B,)"
+        )
+    batch_size = per_example.shape[0]
+    last = f.step_plan.steps if f.step_plan is not None else 0
+    steps = f.expected_steps if f.expected_steps is not None else last
+    if not f._said_no_step:
+        f._said_no_step = True
+        warn_outside_package(no_step_warning(batch_size, steps), RuntimeWarning)
+    if on_losses is not None:
+        on_losses(per_example.detach())
+    f.step_plan = StepPlan(
+        steps, {b.module: [] for b in f.blocks}, [f"pass {t}" for t in range(steps)]
+    )
+    zeros = partial(torch.zeros, dtype=torch.float32, device=f.device)
+    out = zeros(batch_size, steps, f.width) if per_step else None
+    out_sum = zeros(batch_size, f.width) if summed else None
+    return out, out_sum, steps

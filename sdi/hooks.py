@@ -1,6 +1,8 @@
-"""The hook manager: pairs every use of a selected module with its own grad-output.
+"""The hook manager: module calls on the timeline, and the uses of module-level rules.
 
-A forward hook on each selected module records the call (which module, which of its uses, where in
+Every use of a module served by a module-level rule (:mod:`sdi.selection`) is its call; other
+parameters are captured at the operation (:mod:`sdi.capture`), whose uses pair with their
+grad-outputs through the same :func:`watch_grad`. A forward hook on each such module records the call (which module, which of its uses, where in
 the forward timeline) and hangs a tensor hook on the module's output. The call's arguments --
 positional and keyword, as a :class:`Call` -- live in that tensor hook's closure, so whenever autograd
 produces the output's gradient -- in whatever order, however the graph branches, and even if the
@@ -13,7 +15,7 @@ logits of an MoE block feeding an auxiliary loss) would be missed by the rules, 
 rather than a silently partial feature.
 
 The log also keeps the timeline :mod:`sdi.steps` reads: every call's enter and exit tick on one clock,
-for the selected modules and for the extra ``span_modules`` (e.g. the loop layers the user passed as
+for those modules and for the extra ``span_modules`` (e.g. the loop layers the user passed as
 ``target_modules``, which may own no parameter directly), and which buffers a call changed.
 
 Outside :meth:`HookManager.capture` the hooks return at once and keep nothing; inside
@@ -22,6 +24,7 @@ Outside :meth:`HookManager.capture` the hooks return at once and keep nothing; i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,24 +53,63 @@ GradCallback = Callable[[nn.Module, int, Call, torch.Tensor], None]
 
 @dataclass
 class CallLog:
-    """What one forward pass did with the selected modules."""
+    """What one forward pass did with the selected parameters.
 
-    order: list[nn.Module] = field(default_factory=list)  # every call, in forward (exit) order
-    uses: dict[nn.Module, list[int]] = field(
-        default_factory=dict
-    )  # module -> its positions in order
-    # module -> (enter tick, exit tick) of each use, one clock for all modules; span modules too.
+    ``entries[key]``: one ``[enter, exit, call]`` per use of ``key`` -- a module served by a
+    module-level rule (one entry per call), the module owning a parameter used by an operation, or
+    ``(bank, i)`` for a slice of a bank (:mod:`sdi.capture`); operations on one key within one
+    call of an enclosing module (not the model itself) are one use. ``spans[module]``: every call of
+    the hooked modules, ``(enter, exit)`` on the same clock.
+    """
+
+    entries: dict = field(default_factory=dict)
     spans: dict[nn.Module, list[tuple[int, int]]] = field(default_factory=dict)
     clock: int = 0
     # module -> names of the buffers one of its calls changed (their version counter moved).
     mutated_buffers: dict[nn.Module, list[str]] = field(default_factory=dict)
     batch_sizes: set[int] = field(default_factory=set)
-    # Leaves made for outputs that did not require grad (see HookManager._forward_hook).
+    used: set = field(default_factory=set)  # the parameters some use gave a gradient path
+    # Leaves made for outputs that did not require grad (see watch_grad).
     leaves: list[torch.Tensor] = field(default_factory=list)
 
     def tick(self) -> int:
         self.clock += 1
         return self.clock
+
+    def add_entry(self, key, enter: int, leave: int, call: int | None = None) -> int:
+        """Record a use of ``key``; one within the same ``call`` as the last extends it. Its index."""
+        entries = self.entries.setdefault(key, [])
+        if call is not None and entries and entries[-1][2] == call:
+            entries[-1][1] = leave
+        else:
+            entries.append([enter, leave, call])
+        return len(entries) - 1
+
+
+def watch_grad(out: torch.Tensor, log: CallLog, callback) -> torch.Tensor:
+    """Call ``callback(grad)`` with d loss / d ``out`` (detached, ``out``'s shape) during backward.
+
+    Returns the tensor to hand on in place of ``out`` (``out`` itself where possible).
+    Featurisation freezes every parameter, so an output that needs no grad has no grad-requiring
+    input either: nothing upstream to cut, so it becomes a fresh leaf (cloned, so in-place ops
+    downstream stay legal).
+    """
+    replacement = out
+    if not out.requires_grad:
+        leaf = out.detach().requires_grad_(True)
+        log.leaves.append(leaf)
+        replacement = out = leaf.clone()
+    shape, target = out.shape, out
+    if out._is_view():
+        # A hook on a view dies if the view is later modified in place (e.g. nn.Linear on 3-D
+        # input returns a view of a 2-D matmul, then `y += x`); a hook on its base survives.
+        base = out._base
+        if base.numel() == out.numel() and out.is_contiguous() and base.is_contiguous():
+            target = base
+        else:
+            replacement = target = out.clone()
+    target.register_hook(lambda grad: callback(grad.detach().view(shape)))
+    return replacement
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -87,18 +129,22 @@ def _buffer_versions(module: nn.Module) -> list[tuple[str, int]]:
 
 
 class HookManager:
-    """Forward hooks on ``modules`` that route each use's grad-output to ``on_grad``.
+    """Forward hooks that time every call of the hooked modules and route each use of a module
+    served by a module-level rule to ``on_grad``.
 
     Args:
-        modules: the modules that own selected parameters.
+        modules: the modules served by a module-level rule: each call is a use.
         on_grad: called during backward as ``on_grad(module, use, call, grad_output)``, where
             ``use`` counts the module's calls in forward order from 0, ``call`` holds the call's
             arguments (detached) and ``grad_output`` is d loss / d (first tensor output), detached.
         batch_dim: the batch dimension of the module outputs (0 for batch-first).
-        span_modules: further modules whose calls are only timed (enter/exit ticks), for
-            :mod:`sdi.steps`.
+        span_modules: further modules whose calls are only timed (enter/exit ticks): the owners of
+            parameters captured at the operation, and the modules enclosing them, for
+            :mod:`sdi.steps`; their buffers are watched where ``owners`` holds them.
         keep_output: modules whose first call per capture keeps a copy of its first tensor output
             in :attr:`Call.output` (the generic rule checks its recompute against it).
+        owners: the modules owning selected parameters (a change of their buffers is recorded).
+        root: the model: operations directly in its forward are not grouped into one use.
     """
 
     def __init__(
@@ -108,23 +154,42 @@ class HookManager:
         batch_dim: int = 0,
         span_modules: Sequence[nn.Module] = (),
         keep_output: Sequence[nn.Module] = (),
+        owners: Sequence[nn.Module] = (),
+        root: nn.Module | None = None,
     ):
         self._on_grad = on_grad
         self._batch_dim = batch_dim
         self._log: CallLog | None = None
         self._paused = False
         self._keep_output = set(keep_output)
-        self._entered: dict[nn.Module, list[tuple[int, list]]] = {}
-        self._handles = []
-        self._owners = set(modules)
+        self._stack: list[tuple[nn.Module, int, list]] = []  # active calls: module, enter, buffers
+        self._rule_modules = set(modules)
+        self._owners = set(owners) | self._rule_modules
+        self.root = root
+        self._handles: dict[nn.Module, list] = {}
         for m in modules:
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
-            self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+            self._hook(m, self._forward_hook)
         for m in dict.fromkeys(span_modules):
-            if m in self._owners:
-                continue
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook))
-            self._handles.append(m.register_forward_hook(self._span_hook))
+            if m not in self._rule_modules:
+                self._hook(m, self._span_hook)
+
+    def _hook(self, module: nn.Module, post) -> None:
+        # prepend: seen before any forward hook of the user changes the output
+        kwargs = {"with_kwargs": True} if post == self._forward_hook else {}
+        self._handles[module] = [
+            module.register_forward_pre_hook(self._pre_hook, prepend=True),
+            module.register_forward_hook(post, prepend=True, **kwargs),
+        ]
+
+    def add_rule_module(self, module: nn.Module, keep_output: bool) -> None:
+        """From now on, each call of ``module`` is a use served by its module-level rule."""
+        for handle in self._handles.pop(module, []):
+            handle.remove()
+        self._rule_modules.add(module)
+        self._owners.add(module)
+        if keep_output:
+            self._keep_output.add(module)
+        self._hook(module, self._forward_hook)
 
     @property
     def log(self) -> CallLog:
@@ -136,12 +201,12 @@ class HookManager:
     def capture(self) -> Iterator[CallLog]:
         """Record calls and pair grads for one forward/backward; forget everything afterwards."""
         self._log = CallLog()
-        self._entered = {}
+        self._stack = []
         try:
             yield self._log
         finally:
             self._log = None
-            self._entered = {}
+            self._stack = []
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -154,10 +219,25 @@ class HookManager:
 
     def close(self) -> None:
         """Remove every hook."""
-        for handle in self._handles:
-            handle.remove()
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
         self._handles.clear()
         self._log = None
+
+    def active(self, module: nn.Module) -> bool:
+        """Whether ``module``'s forward is running now."""
+        return any(m is module for m, _, _ in self._stack)
+
+    def active_any(self, modules) -> bool:
+        return any(m in modules for m, _, _ in self._stack)
+
+    def group(self) -> int | None:
+        """The enter tick of the innermost running call of a hooked module other than the model."""
+        for module, enter, _ in reversed(self._stack):
+            if module is not self.root:
+                return enter
+        return None
 
     def _recording(self) -> bool:
         return self._log is not None and not self._paused and torch.is_grad_enabled()
@@ -165,113 +245,120 @@ class HookManager:
     def _pre_hook(self, module: nn.Module, inputs: tuple):
         if self._recording():
             versions = _buffer_versions(module) if module in self._owners else []
-            self._entered.setdefault(module, []).append((self.log.tick(), versions))
+            self._stack.append((module, self.log.tick(), versions))
         return None
 
-    def _exit(self, module: nn.Module, *, owner: bool) -> tuple[int, int] | None:
+    def _exit(self, module: nn.Module) -> tuple[int, int] | None:
         """``(enter, exit)`` ticks of the call now returning, or ``None`` if its entry was not seen.
 
-        For an ``owner`` of selected parameters, also records the buffers the call changed.
+        For an owner of selected parameters, also records the buffers the call changed.
         """
-        stack = self._entered.get(module)
-        if not stack:
+        index = next(
+            (i for i in range(len(self._stack) - 1, -1, -1) if self._stack[i][0] is module), None
+        )
+        if index is None:
             return None
-        enter, versions = stack.pop()
+        _, enter, versions = self._stack.pop(index)
         log = self.log
-        if not owner:
-            return enter, log.tick()
-        before = dict(versions)
-        changed = [n for n, now in _buffer_versions(module) if before.get(n) != now]
-        if changed:
-            log.mutated_buffers.setdefault(module, [])
-            log.mutated_buffers[module] += [
-                n for n in changed if n not in log.mutated_buffers[module]
-            ]
-        return enter, log.tick()
+        if module in self._owners:
+            before = dict(versions)
+            changed = [n for n, now in _buffer_versions(module) if before.get(n) != now]
+            if changed:
+                log.mutated_buffers.setdefault(module, [])
+                log.mutated_buffers[module] += [
+                    n for n in changed if n not in log.mutated_buffers[module]
+                ]
+        span = (enter, log.tick())
+        log.spans.setdefault(module, []).append(span)
+        return span
 
     def _span_hook(self, module: nn.Module, inputs: tuple, output):
         if self._recording():
-            span = self._exit(module, owner=False)
-            if span is not None:
-                self.log.spans.setdefault(module, []).append(span)
+            self._exit(module)
         return None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self._recording():
             return None
         log = self.log
-        span = self._exit(module, owner=True)
+        span = self._exit(module)
         out = _first_tensor(output)
         if span is None or out is None or not out.is_floating_point():
             return None
-        use = len(log.uses.setdefault(module, []))
-        log.uses[module].append(len(log.order))
-        log.order.append(module)
-        log.spans.setdefault(module, []).append(span)
+        use = log.add_entry(module, *span)
+        log.used.update(module.parameters(recurse=False))
         log.batch_sizes.add(int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1)
         kept = out.detach().clone() if use == 0 and module in self._keep_output else None
+        args, kwargs = _bound(module, args, kwargs)
         call = Call(_detached(tuple(args)), _detached(dict(kwargs)), kept)
-        watched = self._watch_other_outputs(module, output, out)
-        replacement = None if watched is output else watched
-        output = watched
-        if not out.requires_grad:
-            # Featurisation freezes every parameter so that backward computes no weight gradient.
-            # An output that then needs no grad has no grad-requiring input either: nothing upstream
-            # to cut, so it becomes a fresh leaf (cloned, so in-place ops downstream stay legal).
-            leaf = out.detach().requires_grad_(True)
-            log.leaves.append(leaf)
-            out = leaf.clone()
-            replacement = out if torch.is_tensor(output) else _replace_first(output, out)
-
-        shape, target = out.shape, out
-        if out._is_view():
-            # A hook on a view dies if the view is later modified in place (e.g. nn.Linear on 3-D
-            # input returns a view of a 2-D matmul, then `y += x`); a hook on its base survives.
-            base = out._base
-            if base.numel() == out.numel() and out.is_contiguous() and base.is_contiguous():
-                target = base
-            else:
-                out = target = out.clone()
-                replacement = out if torch.is_tensor(output) else _replace_first(output, out)
+        watched = watch_other_outputs(log, type(module).__name__, output, out)
 
         def on_grad(grad: torch.Tensor) -> None:
-            self._on_grad(module, use, call, grad.detach().view(shape))
+            self._on_grad(module, use, call, grad)
 
-        target.register_hook(on_grad)
-        return replacement
+        new = watch_grad(out, log, on_grad)
+        if new is out and watched is output:
+            return None
+        if torch.is_tensor(watched):
+            return new
+        return watched if new is out else _replace_first(watched, new)
 
-    def _watch_other_outputs(self, module: nn.Module, output, first: torch.Tensor):
-        """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
-        An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
-        as the first output does, so that a loss using it is still seen.
-        """
-        if not isinstance(output, (tuple, list)):
-            return output
-        items = list(output)
-        for index, other in enumerate(items):
-            if not torch.is_tensor(other) or other is first or not other.is_floating_point():
-                continue
-            if not other.requires_grad:
-                leaf = other.detach().requires_grad_(True)
-                self.log.leaves.append(leaf)
-                other = items[index] = leaf.clone()
+def watch_other_outputs(log: CallLog, what: str, output, first: torch.Tensor):
+    """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
-            def refuse(grad: torch.Tensor, index=index) -> None:
-                if bool(grad.ne(0).any()):
-                    raise RuntimeError(
-                        f"output {index} of {type(module).__name__} (a tensor beside its first "
-                        "output) carries a gradient to the loss; per-example rules differentiate "
-                        "the first tensor output only, so the feature would miss that path. "
-                        "Select the submodules that compute that output instead."
-                    )
+    An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
+    as the first output does, so that a loss using it is still seen.
+    """
+    if not isinstance(output, (tuple, list)):
+        return output
+    items = list(output)
+    for index, other in enumerate(items):
+        if not torch.is_tensor(other) or other is first or not other.is_floating_point():
+            continue
+        if not other.requires_grad:
+            leaf = other.detach().requires_grad_(True)
+            log.leaves.append(leaf)
+            other = items[index] = leaf.clone()
 
-            other.register_hook(refuse)
-        if all(a is b for a, b in zip(items, output, strict=True)):
-            return output
-        if hasattr(output, "_fields"):  # namedtuple
-            return type(output)(*items)
-        return type(output)(items) if isinstance(output, tuple) else items
+        def refuse(grad: torch.Tensor, index=index) -> None:
+            if bool(grad.ne(0).any()):
+                raise RuntimeError(
+                    f"output {index} of {what} (a tensor beside its first output) carries a "
+                    "gradient to the loss; per-example rules differentiate the first tensor "
+                    "output only, so the feature would miss that path. Select the submodules "
+                    "that compute that output instead, or use that output alone."
+                )
+
+        other.register_hook(refuse)
+    if all(a is b for a, b in zip(items, output, strict=True)):
+        return output
+    if hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*items)
+    return type(output)(items) if isinstance(output, tuple) else items
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Keyword arguments of ``forward``'s positional parameters moved into ``args`` (in order), so
+    that ``module(input=x)`` reaches the rules as ``module(x)``."""
+    if not kwargs:
+        return args, kwargs
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    positional, rest = [], {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            positional.extend(value)
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            rest.update(value)
+        elif kind == inspect.Parameter.KEYWORD_ONLY or rest:
+            rest[name] = value
+        else:
+            positional.append(value)
+    return tuple(positional), rest
 
 
 def _replace_first(output, new: torch.Tensor):

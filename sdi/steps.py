@@ -35,7 +35,7 @@ The gate's features are zero in step 1 (pass 0), where it did not run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -45,12 +45,16 @@ from .hooks import CallLog
 
 @dataclass(frozen=True)
 class StepPlan:
-    """``steps`` step slots; ``slots[module]`` = the step of each of its uses, in forward order."""
+    """``steps`` step slots; ``slots[key]`` = the step of each use of ``key``, in forward order.
+
+    A key is a module (its calls, or the operations using the parameters it owns) or
+    ``(bank, i)`` for the slice ``bank[i]`` of a parameter bank.
+    """
 
     steps: int
-    slots: dict[nn.Module, list[int]]
+    slots: dict
     labels: list[str] = field(default_factory=list)  # one per step: "prelude", "pass 0", ...
-    names: dict[nn.Module, str] = field(default_factory=dict)  # module -> its name in the model
+    names: dict = field(default_factory=dict)  # key -> how the plan shows it
 
     def describe(self) -> str:
         """One line per module: its uses and the step each fills."""
@@ -67,16 +71,9 @@ class StepPlan:
         return self.describe()
 
 
-def _module_names(owners: Mapping[str, nn.Module]) -> dict[nn.Module, str]:
-    names: dict[nn.Module, str] = {}
-    for param_name, module in owners.items():
-        names.setdefault(module, param_name.rpartition(".")[0] or "<model>")
-    return names
-
-
 def plan_steps(
     log: CallLog,
-    owners: Mapping[str, nn.Module],
+    names: Mapping[Hashable, str],
     *,
     expected_steps: int | None,
     allow_mixed_steps: bool,
@@ -84,16 +81,11 @@ def plan_steps(
     """Assign steps from one forward pass's call log.
 
     Args:
-        log: the calls the hook manager recorded (with the spans of the target modules).
-        owners: selected parameter name -> the module that owns it.
+        log: the uses and calls the hook manager and the capture recorded.
+        names: every key of ``log.entries`` (a module, or ``(bank, i)`` for a slice of a bank)
+            -> how the plan shows it.
     """
-    counts = {name: len(log.uses.get(module, ())) for name, module in owners.items()}
-    unused = sorted(name for name, c in counts.items() if c == 0)
-    if unused:
-        raise RuntimeError(
-            f"selected parameters never used in the forward pass: {unused[:20]}. Pass only modules "
-            "the model runs, with gradients on (sdi.diagnose names the cause when featurising)."
-        )
+    counts = {key: len(log.entries[key]) for key in names}
     distinct = sorted(set(counts.values()))
     loop_steps = distinct[-1]
     if expected_steps is not None and loop_steps != int(expected_steps):
@@ -101,18 +93,20 @@ def plan_steps(
             f"observed {loop_steps} loop steps but expected_steps={expected_steps}; pass "
             "expected_steps=None to accept any horizon."
         )
-    names = _module_names(owners)
     modules = list(names)
     if len(distinct) == 1:
         labels = [f"pass {t}" for t in range(loop_steps)]
-        return StepPlan(loop_steps, {m: list(range(loop_steps)) for m in modules}, labels, names)
+        return StepPlan(
+            loop_steps, {m: list(range(loop_steps)) for m in modules}, labels, dict(names)
+        )
 
-    by_count = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    shown_counts = sorted((names[k], c) for k, c in counts.items())
+    by_count = sorted(shown_counts, key=lambda kv: (kv[1], kv[0]))
     shown = f"use counts {distinct}; fewest: {by_count[:5]}, most: {by_count[-5:]}"
     passes = _pass_bounds(log, modules, loop_steps, shown)
     where: dict[nn.Module, list[int | str]] = {}
     for module in modules:
-        spans = log.spans[module]
+        spans = [tuple(e[:2]) for e in log.entries[module]]
         if len(spans) == loop_steps and all(
             lo <= s[0] and s[1] <= hi for s, (lo, hi) in zip(spans, passes, strict=True)
         ):
@@ -137,7 +131,8 @@ def plan_steps(
             return 0
         return offset + loop_steps if w == "after" else offset + int(w)
 
-    return StepPlan(steps, {m: [step(w) for w in ws] for m, ws in where.items()}, labels, names)
+    slots = {m: [step(w) for w in ws] for m, ws in where.items()}
+    return StepPlan(steps, slots, labels, dict(names))
 
 
 def _pass_bounds(
@@ -146,7 +141,9 @@ def _pass_bounds(
     """``(first, last)`` tick of each pass, from the modules called ``loop_steps`` times: the
     owners of selected parameters used that often, and the modules enclosing them (the loop
     layers) whose every call holds a use of such an owner."""
-    full = [log.spans[m] for m in owners if len(log.spans[m]) == loop_steps]
+    full = [
+        [tuple(e[:2]) for e in log.entries[k]] for k in owners if len(log.entries[k]) == loop_steps
+    ]
     inner = [s for spans in full for s in spans]
     owned = set(owners)
     for module, spans in log.spans.items():

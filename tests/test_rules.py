@@ -393,16 +393,23 @@ def test_strict_refuses_only_what_cannot_be_computed():
     _featurize(BatchCentred(4), strict=False)
 
 
-def test_random_forward_is_refused():
+def test_random_forward_is_refused_by_the_generic_rule(monkeypatch):
+    """Captured at the operation (the default), ``x * w`` is exact whatever dropout does after it;
+    the generic module-level rule, which re-runs the forward, must refuse."""
+
     class Noisy(Scale):
         def forward(self, x):
             return nn.functional.dropout(x * self.w, 0.5, training=True)
 
+    monkeypatch.setitem(RULES, Noisy, GENERIC)
     with pytest.raises(RuntimeError, match="random numbers"):
         _featurize(Noisy(4), strict=False)
 
 
-def test_a_gradient_through_a_second_output_is_refused():
+def test_a_gradient_through_a_second_output_is_refused_by_module_rules(monkeypatch):
+    """A module-level rule differentiates the first output only (captured at the operation, each
+    ``x * w`` is a use of its own and nothing needs refusing: tests/test_capture.py)."""
+    monkeypatch.setitem(RULES, TwoOutputs, GENERIC)
     module = TwoOutputs(4)
 
     def loss_fn(m, x):

@@ -1,7 +1,10 @@
-"""Per-layer rules: the per-example gradient of one use of a module, and its sketch.
+"""Rules: the per-example gradient of one use, and its sketch.
 
-Every module that owns selected parameters is served by one :class:`ModuleRule`, found by
-:func:`rule_for` in a registry:
+Uses are captured at the operation (:mod:`sdi.capture`) and served by the rules of
+:mod:`sdi.rules.ops` -- ``F.linear`` / ``matmul`` as ``G^T A`` whatever the module's class,
+``F.embedding`` by a signed shift, broadcast products by a sum, anything else by the vjp of that
+one operation. A module's own calls are served by a module-level :class:`ModuleRule` instead where
+one applies, found by :func:`rule_for` in a registry (see :func:`sdi.selection._module_rule`):
 
 ==========================  =====================================================================
 module kind                 exact gradient / projected sketch
@@ -11,8 +14,9 @@ module kind                 exact gradient / projected sketch
 ``nn.Embedding``            ``sum_tokens onehot(id) (x) g`` / TensorSketch by signed shift
 Opacus-covered types        Opacus' grad sampler / CountSketch of the flattened gradient
 (``GRAD_SAMPLERS``)         (norms, convolutions; ``register_grad_sampler`` adds types)
-anything else with direct   vjp of the module's re-run forward, vmapped over the batch or looped
-parameters                  per example (:mod:`sdi.rules.generic`) / CountSketch, flattened
+generic (registered for a  vjp of the module's re-run forward, vmapped over the batch or looped
+type; or a module whose     per example (:mod:`sdi.rules.generic`) / sketch of the flattened
+forward hides the batch)    gradient
 ==========================  =====================================================================
 
 Each rule owns its exact gradient (:meth:`ModuleRule.grads`), its sketch (:meth:`ModuleRule.sketch`),
@@ -23,7 +27,8 @@ order from one seeded generator, so one seed gives one sketch on every backend.
 
 Registering a rule for your own module type
 -------------------------------------------
-The generic rule already covers any module; register a rule when you know a cheaper gradient::
+Capture at the operation already covers any module; register a rule when you know a cheaper
+gradient for a whole module's call::
 
     import sdi
 

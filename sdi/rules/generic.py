@@ -1,4 +1,8 @@
-"""The generic rule: any module with direct parameters that no specific rule covers.
+"""The generic rule: a module's call re-run per example, for the module's direct parameters.
+
+It serves modules whose type it is registered for, and modules whose forward hides the batch
+from the operation-level capture (an MoE router over ``x.reshape(-1, d)``): their call's arguments
+still have it (:mod:`sdi.capture`, :class:`sdi.uses.ModuleFallback`).
 
 For one use of a module, the per-example gradient w.r.t. its *direct* (selected) parameters is the
 vector-Jacobian product of the module's forward, re-run on that use's captured arguments (positional
@@ -68,7 +72,7 @@ class GenericRule(ModuleRule):
         parts = [[] for _ in params]
         for chunk in self._chunks(module, params, use):
             for acc, p, g in zip(parts, params, chunk, strict=True):
-                acc.append(rules.backend.count_sketch(g, rules.tables[p]))
+                acc.append(rules.sketch_flat(p, g))
         return [torch.cat(acc) for acc in parts]
 
     def add_step(self, sums, module, params, use: Use) -> None:

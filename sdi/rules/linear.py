@@ -85,8 +85,6 @@ class LinearRule(ModuleRule):
                 continue
             a = tokens(use.activations[0])
             if rules.prefers_explicit(p, a.shape[1], a.device, a.shape[0]):
-                sums.set_grad(
-                    p, rules.weight_grads(p, a, g, add=sums.has_grad(p), buffers=sums.buffers)
-                )
+                sums.add_linear(p, a, g)
             else:
                 sums.add_sketch(p, rules.backend.tensor_sketch_linear(a, g, rules.tables[p]))

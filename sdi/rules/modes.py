@@ -32,6 +32,9 @@ class _Mode:
         for module in owners or ():
             self.rule_of(module)
 
+    def use_rule(self, module: nn.Module, rule: ModuleRule) -> None:
+        self._rules[module] = rule
+
     def rule_of(self, module: nn.Module) -> ModuleRule:
         rule = self._rules.get(module)
         if rule is None:
@@ -50,8 +53,9 @@ class SketchRules(_Mode):
         params: the parameters, in table-drawing order (the featuriser passes model order).
         m, seed, backend: the sketch.
         owners: the module owning each parameter (parallel to ``params``): its rule draws the
-            table. Without owners, a 2-D parameter is taken for a Linear/Embedding weight
-            (TensorSketch) and any other for a vector (CountSketch).
+            table. Without an owner (``None``: captured at the operation), a parameter of 2 or
+            more dims gets a TensorSketch of it as the matrix ``(prod(shape[:-1]), shape[-1])``
+            and a vector a CountSketch.
         rules: module -> rule, overriding the registry for those modules.
     """
 
@@ -75,10 +79,10 @@ class SketchRules(_Mode):
         generator = torch.Generator().manual_seed(int(seed))
         self.tables: dict[nn.Parameter, CountSketchHash | TensorSketchHash] = {}
         for i, p in enumerate(params):
-            if owners is not None:
+            if owners is not None and owners[i] is not None:
                 table = self.rule_of(owners[i]).draw_table(owners[i], p, self.m, generator)
-            elif p.dim() == 2:
-                table = draw_tensor_sketch(p.shape[0], p.shape[1], self.m, generator)
+            elif p.dim() >= 2:  # as a matrix (prod(shape[:-1]), shape[-1]): banks slice by rows
+                table = draw_tensor_sketch(p.numel() // p.shape[-1], p.shape[-1], self.m, generator)
             else:
                 table = draw_count_sketch(p.numel(), self.m, generator)
             self.tables[p] = table.to(p.device)
@@ -125,6 +129,14 @@ class SketchRules(_Mode):
             return buffer
         return torch_ops.linear_weight_grads(a, g, buffer, add=add)
 
+    def sketch_flat(self, param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        """Sketch per-example gradients ``(B, numel)`` (or ``(B, *shape)``) of ``param`` by its table."""
+        table = self.tables[param]
+        B = grad.shape[0]
+        if isinstance(table, CountSketchHash):
+            return self.backend.count_sketch(grad.reshape(B, -1).float(), table)
+        return self.sketch_dense(param, grad.reshape(B, table.out.d, -1).float())
+
     def sketch_dense(self, param: nn.Parameter, phi: torch.Tensor) -> torch.Tensor:
         """Sketch explicit gradients ``phi (B, d_out, d_in)`` fp32 of ``param`` -> ``(B, m)``."""
         if param not in self._signed_index:
@@ -164,17 +176,31 @@ class StepSums:
         self.buffers = buffers  # the explicit-path weights' reused gradient buffers
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._sketches: dict[nn.Parameter, torch.Tensor] = {}
+        self._in_buffer: set[nn.Parameter] = set()  # sums held in the rules' reused buffer
 
     @staticmethod
     def _add(sums: dict, param: nn.Parameter, value: torch.Tensor) -> None:
         if param in sums:
-            sums[param] += value
+            sums[param] += value.reshape(sums[param].shape)
         else:
             sums[param] = value.to(torch.float32)
 
     def add_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """Add a dense per-example gradient ``(B, numel)`` or ``(B, d_out, d_in)``."""
+        if param in self._in_buffer:  # the buffer is overwritten by the next batch: own the sum
+            self._grads[param] = self._grads[param].clone()
+            self._in_buffer.discard(param)
         self._add(self._grads, param, grad)
+
+    def add_linear(self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add ``G^T A`` ``(B, d_out, d_in)`` of a whole Linear weight, in its reused buffer."""
+        held = self._grads.get(param)
+        if held is None or param in self._in_buffer:
+            grads = self.rules.weight_grads(param, a, g, add=held is not None, buffers=self.buffers)
+            self.set_grad(param, grads)
+            self._in_buffer.add(param)
+        else:  # the sum is a tensor of its own: add a copy (the buffer is overwritten)
+            self.add_grad(param, self.rules.weight_grads(param, a, g, buffers=self.buffers).clone())
 
     def set_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """Hold ``grad`` as ``param``'s running sum (a buffer the rule added to in place)."""
@@ -197,11 +223,8 @@ class StepSums:
         """``(param, (B, m) fp32)`` for every parameter seen; empties the accumulator."""
         out = list(self._sketches.items())
         for p, grad in self._grads.items():
-            if grad.dim() == 3:
-                out.append((p, self.rules.sketch_dense(p, grad)))
-            else:
-                out.append((p, self.rules.backend.count_sketch(grad, self.rules.tables[p])))
-        self._grads, self._sketches = {}, {}
+            out.append((p, self.rules.sketch_flat(p, grad)))
+        self._grads, self._sketches, self._in_buffer = {}, {}, set()
         return out
 
 

@@ -7,7 +7,9 @@
    ``register_grad_sampler`` keeps working) -> :class:`~sdi.rules.opacus.OpacusRule`;
 3. a rule registered for a base class, if the module's type does not override that base's
    ``forward`` (an ``nn.Linear`` subclass with its own forward is not a Linear);
-4. :class:`~sdi.rules.generic.GenericRule`, for any module with direct parameters.
+4. :class:`~sdi.rules.generic.GenericRule`, for any module with direct parameters -- which the
+   featuriser takes as "no module-level rule": such a module's parameters are captured at the
+   operation (:mod:`sdi.selection`), unless the generic rule is registered for its type.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class ModuleRule:
     def sketch(self, rules, module: nn.Module, params, use: Use) -> list[torch.Tensor]:
         """One ``(B, m)`` fp32 sketch per param."""
         return [
-            rules.backend.count_sketch(g, rules.tables[p])
+            rules.sketch_flat(p, g)
             for p, g in zip(params, self.grads(module, params, use), strict=True)
         ]
 

@@ -1,0 +1,377 @@
+"""Capture at the operation: every torch operation that computes with a parameter is a *use*.
+
+A :class:`CaptureMode` (a ``torch.overrides.TorchFunctionMode``) is active during the featurisation
+forward. It sees every torch function and tensor method, and keeps two kinds of marks:
+
+- tensors computed from parameters alone (``w``, ``bank[i]``, ``w.to(x.dtype)``, a weight norm's
+  weight): :class:`sdi.derived.Derived`, which know how to recompute themselves from the
+  parameters;
+- per-example tensors (computed from the batch), with the dimension of their batch
+  (:mod:`sdi.batchdims`).
+
+An operation that meets both -- a parameter-derived tensor and a per-example one -- is a use: its
+arguments are recorded (detached), a tensor hook on its first output pairs the use with its own
+grad-output (:func:`sdi.hooks.watch_grad`), and :mod:`sdi.rules.ops` turns the pair into the
+per-example gradients of the parameters behind it. Operations with neither mark run untouched after
+one scan of their arguments.
+
+Which uses count is the featuriser's :class:`Scope`: uses of selected parameters anywhere, except
+inside a call of their own module when a module-level rule serves it (the module hook saw that use
+already); a use of any other trainable parameter inside a selected module's call is an error that
+says how to select it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .batchdims import einsum_dim, output_dim
+from .derived import GETTERS, Derived, Step, template
+
+_TAG = "_sdi_batch"  # attribute of a per-example tensor: (capture token, batch dim or None)
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A parameter-derived argument of a use."""
+
+    derived: Derived
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A per-example argument of a use: ``tensor`` (detached) with its batch on ``dim``."""
+
+    tensor: torch.Tensor
+    dim: int
+    version: int
+
+
+@dataclass(eq=False)
+class OpUse:
+    """One use: ``func(*args, **kwargs)`` with :class:`Operand` / :class:`Batched` leaves.
+
+    ``params``: the parameters whose per-example gradients it gives; ``slots[p] = (key, entry)``
+    place it on the timeline (:mod:`sdi.steps`); ``out_dim``: the batch dim of its first output.
+    """
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+    params: tuple[nn.Parameter, ...]
+    out_dim: int
+    slots: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.func, "__qualname__", None) or getattr(self.func, "__name__", "op")
+
+    batched: list = field(default_factory=list)  # its Batched arguments
+
+    def check_unchanged(self) -> None:
+        """Refuse a per-example argument changed in place since the forward recorded it."""
+        for x in self.batched:
+            if x.tensor._version != x.version:
+                raise RuntimeError(
+                    f"an input of {self.name} was modified in place after the forward used it; "
+                    "its per-example gradient would read the modified values. Compute the "
+                    "modification out of place"
+                )
+
+
+def tag(x, token: object, dim: int | None) -> int:
+    """Mark every tensor in ``x`` as per-example with its batch on ``dim``; how many."""
+    tensors = [t for t in tree_flatten(x)[0] if torch.is_tensor(t)]
+    for t in tensors:
+        setattr(t, _TAG, (token, dim))
+    return len(tensors)
+
+
+def _inplace(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name in (
+        "__setitem__",
+        "__iadd__",
+        "__isub__",
+        "__imul__",
+        "__itruediv__",
+    )
+
+
+def _replay_on_copy(func):
+    """An in-place ``func`` replayed on a copy of its first argument (never on a parameter)."""
+
+    def run(first, *args, **kwargs):
+        first = first.clone()
+        func(first, *args, **kwargs)
+        return first
+
+    run.__name__ = getattr(func, "__name__", "inplace")
+    return run
+
+
+class Scope:
+    """What the mode asks the featuriser: which parameters, which uses count, where on the clock.
+
+    Subclassed by the featuriser; the defaults count nothing.
+    """
+
+    def param_of(self, t: torch.Tensor) -> nn.Parameter | None:
+        return None
+
+    def owner(self, p: nn.Parameter) -> nn.Module | None:
+        return None
+
+    def names(self, params) -> list[str]:
+        return [str(tuple(p.shape)) for p in params]
+
+    def counts(self, p: nn.Parameter, func) -> bool:
+        """Whether a use of ``p`` by ``func`` here counts (raises for a use that cannot count)."""
+        return False
+
+    def watch_others(self, what: str, out, first: torch.Tensor):
+        """``out`` with a refusing grad hook on each tensor beside ``first`` (see
+        :func:`sdi.hooks.watch_other_outputs`)."""
+        return out
+
+    def unknown(self, params, message: str) -> None:
+        """A use of ``params`` whose per-example structure is not known: raises."""
+        raise RuntimeError(message)
+
+    def record(self, use: OpUse, out: torch.Tensor, keys: dict) -> torch.Tensor:
+        """Place ``use`` on the timeline and watch its grad; returns the output to hand on."""
+        return out
+
+
+class CaptureMode(TorchFunctionMode):
+    """Tracks parameter-derived and per-example tensors; hands every use to ``scope``."""
+
+    def __init__(self, scope: Scope):
+        super().__init__()
+        self.scope = scope
+        self.token = object()
+        self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
+
+    def seed(self, x, dim: int) -> int:
+        """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many."""
+        return tag(x, self.token, dim)
+
+    def _lookup(self, t: torch.Tensor):
+        hit = self._derived.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        p = self.scope.param_of(t)
+        if p is None:
+            return None
+        derived = Derived((p,))
+        self._derived[id(t)] = (t, derived)
+        return derived
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracked, batched = [], []
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                self._scan(a, tracked, batched)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, torch.Tensor):
+                        self._scan(b, tracked, batched)
+        if not tracked and not batched:
+            return func(*args, **kwargs)
+        if not tracked:
+            out = func(*args, **kwargs)
+            self._tag_outputs(func, args, kwargs, batched, out)
+            return out
+        if not batched:
+            return self._derive(func, args, kwargs, tracked)
+        return self._use(func, args, kwargs, tracked, batched)
+
+    def _scan(self, t: torch.Tensor, tracked: list, batched: list) -> None:
+        mark = getattr(t, _TAG, None)
+        if mark is not None and mark[0] is self.token:
+            batched.append((t, mark[1]))
+            return
+        derived = self._lookup(t)
+        if derived is not None:
+            tracked.append((t, derived))
+
+    def _tag_outputs(self, func, args, kwargs, batched, out) -> int | None:
+        """Mark ``out`` per-example; returns the batch dim of its first tensor (``None``: unknown)."""
+        first, dim = batched[0]
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif not isinstance(out, (tuple, list)):  # sizes, dtypes, numbers: fast out
+            return None
+        elif any(isinstance(o, (tuple, list, dict)) for o in out):
+            outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
+        else:
+            outs = [o for o in out if isinstance(o, torch.Tensor)]
+        if not outs:
+            return None
+        if dim is None or any(d is None for _, d in batched):
+            found = None
+        elif getattr(func, "__name__", "") == "einsum":
+            operands = (
+                args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            )
+            by_id = {id(t): d for t, d in batched}
+            found = einsum_dim(args, [by_id.get(id(o)) for o in operands])
+        else:
+            found = output_dim(func, args, kwargs, first, dim, outs[0], int(first.shape[dim]))
+        for o in outs:
+            if o is not first or found is not None:
+                setattr(o, _TAG, (self.token, found))
+        return found
+
+    def _derive(self, func, args, kwargs, tracked):
+        """An operation on parameter-derived tensors alone: its outputs are derived too."""
+        name = getattr(func, "__name__", "")
+        if name == "__get__" and not any(func == g for g in GETTERS):
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        step_func = _replay_on_copy(func) if _inplace(func) else func
+        if (
+            len(tracked) == 1
+            and len(tracked[0][1].params) == 1
+            and args
+            and args[0] is tracked[0][0]
+        ):
+            before = tracked[0][1]
+            derived = None  # built per output below
+            make = lambda index: before.then(Step(step_func, *template(args, kwargs, 0), index))  # noqa: E731
+        else:
+            derived = _combined(step_func, args, kwargs, tracked)
+            make = lambda index: derived if index is None else _pick(derived, index)  # noqa: E731
+        target = args[0] if _inplace(func) and args and torch.is_tensor(args[0]) else out
+        if torch.is_tensor(target):
+            if target.dtype in _FLOAT:
+                self._derived[id(target)] = (target, make(None))
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                if torch.is_tensor(o) and o.dtype in _FLOAT:
+                    self._derived[id(o)] = (o, make(i))
+        return out
+
+    def _use(self, func, args, kwargs, tracked, batched):
+        params = {}  # a dict: tensors compare by identity there
+        for _, derived in tracked:
+            for p in derived.params:
+                if p not in params and self.scope.counts(p, func):
+                    params[p] = None
+        params = list(params)
+        if not params or not torch.is_grad_enabled():
+            out = func(*args, **kwargs)
+            self._tag_outputs(func, args, kwargs, batched, out)
+            return out
+        for t, dim in batched:
+            if dim is None:
+                self.scope.unknown(params, _unknown(func, params, t, self.scope))
+        ids = {id(t): d for t, d in tracked}
+        dims = {id(t): d for t, d in batched}
+        mutated = args[0] if _inplace(func) and args and id(args[0]) in dims else None
+
+        def record(x):
+            if not torch.is_tensor(x):
+                return x
+            if id(x) in ids:
+                return Operand(ids[id(x)], tuple(x.shape))
+            if id(x) in dims:
+                kept = x.detach().clone() if x is mutated else x.detach()
+                return Batched(kept, dims[id(x)], kept._version)
+            return x.detach()
+
+        rec_args, rec_kwargs = _map(record, args), {k: _map1(record, v) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        out_dim = self._tag_outputs(func, args, kwargs, batched, out)
+        first = next((o for o in tree_flatten(out)[0] if torch.is_tensor(o)), None)
+        if first is None or first.dtype not in _FLOAT:
+            raise RuntimeError(
+                f"{_op_name(func)} uses {self.scope.names(params)} but returns no "
+                "floating-point tensor to differentiate"
+            )
+        if out_dim is None:
+            self.scope.unknown(params, _unknown(func, params, first, self.scope, output=True))
+        use = OpUse(func, rec_args, rec_kwargs, tuple(params), out_dim)
+        use.batched = [
+            y
+            for x in (*rec_args, *rec_kwargs.values())
+            for y in (x if isinstance(x, (list, tuple)) else (x,))
+            if isinstance(y, Batched)
+        ]
+        keys = {p: _key(p, tracked, self.scope) for p in params}
+        out = self.scope.watch_others(_op_name(func), out, first)
+        replaced = self.scope.record(use, first, keys)
+        if replaced is first:
+            return out
+        tag(replaced, self.token, out_dim)
+        if torch.is_tensor(out):
+            return replaced
+        items, spec = tree_flatten(out)
+        items[next(i for i, o in enumerate(items) if o is first)] = replaced
+        return tree_unflatten(items, spec)
+
+
+def _map1(fn, x):
+    """``fn`` on ``x``, or on each item of a list / tuple ``x`` (one level, as torch functions take)."""
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(fn(y) for y in x)
+    return tree_map(fn, x) if isinstance(x, dict) else fn(x)
+
+
+def _map(fn, args: tuple) -> tuple:
+    return tuple(_map1(fn, a) for a in args)
+
+
+def _combined(func, args, kwargs, tracked) -> Derived:
+    """A tensor computed from several parameter-derived tensors."""
+    params = tuple(dict.fromkeys(p for _, d in tracked for p in d.params))
+    by_id = {id(t): d for t, d in tracked}
+    leaves, spec = tree_flatten((args, kwargs))
+    frozen = [x.detach() if torch.is_tensor(x) and id(x) not in by_id else x for x in leaves]
+    sources = {
+        i: by_id[id(x)] for i, x in enumerate(leaves) if torch.is_tensor(x) and id(x) in by_id
+    }
+
+    def combine(values: dict) -> torch.Tensor:
+        filled = [sources[i].value(values) if i in sources else x for i, x in enumerate(frozen)]
+        a, k = tree_unflatten(filled, spec)
+        return func(*a, **k)
+
+    return Derived(params, combine=combine)
+
+
+def _pick(derived: Derived, index: int) -> Derived:
+    return Derived(derived.params, combine=lambda v: derived.value(v)[index])
+
+
+def _key(p: nn.Parameter, tracked, scope: Scope):
+    """Timeline key: ``(p, i)`` for a slice ``bank[i]``, else the module owning ``p``."""
+    for _, derived in tracked:
+        if p in set(derived.params):
+            i = derived.slice_index()
+            if i is not None:
+                return (p, i)
+    return scope.owner(p)
+
+
+def _op_name(func) -> str:
+    return getattr(func, "__name__", None) or str(func)
+
+
+def _unknown(func, params, t, scope, output: bool = False) -> str:
+    what = "its output" if output else "a per-example argument"
+    return (
+        f"{_op_name(func)} uses {scope.names(params)}, but the batch dimension of {what} (shape "
+        f"{tuple(t.shape)}) cannot be established from the data flow (a reshape merged the batch "
+        "with another dimension, or an operation sdi does not follow moved it). Keep the batch a "
+        "dimension of its own up to this operation, or select other parameters"
+    )

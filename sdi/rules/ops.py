@@ -1,0 +1,309 @@
+"""Rules by operation: the per-example gradients of one captured use (:class:`sdi.capture.OpUse`).
+
+==========================================  ===================================================
+operation                                   exact gradient / projected sketch
+==========================================  ===================================================
+``F.linear(x, w, b)``, ``x @ w``: ``w`` a   ``G^T A`` written into the block's rows and columns
+block of a parameter (``w``, ``bank[i]``,   / TensorSketch with the block's rows of the table
+``w.t()``, casts of them)                   (FFT, explicit GEMM on CPU, Triton), bias ``sum g``
+``F.embedding(ids, w)``                     ``sum onehot(id) (x) g`` / signed shift
+``x * s``, ``x + s`` (``s`` broadcast)      ``g x`` / ``g`` summed over the broadcast dims
+anything else                               vjp of that one operation per example (``vmap``
+                                            over the batch, a loop where ``vmap`` fails)
+==========================================  ===================================================
+
+A gradient w.r.t. a parameter-derived operand maps back onto the parameters by
+:meth:`sdi.derived.Derived.backprop`. Every path is linear in the grad-output, and a parameter's
+table is drawn once from its shape (1-D: CountSketch; more dims: TensorSketch of the parameter as
+``(prod(shape[:-1]), shape[-1])``), so the sketch does not depend on which path saw a use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..capture import Batched, Operand, OpUse
+from ..derived import matrix_view
+from ..sketch import CountSketchHash, TensorSketchHash
+from .linear import tokens
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_EMBEDDING = {F.embedding}
+_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+def _batch_first(x: Batched) -> torch.Tensor:
+    return x.tensor.movedim(x.dim, 0)
+
+
+def _dense(use, g, operand: Operand, grad, params, out: dict) -> None:
+    """Map ``grad`` (B, *operand) back onto the wanted params, adding into ``out``."""
+    for p, gp in operand.derived.backprop(
+        grad, [p for p in params if p in set(use.params)]
+    ).items():
+        out[p] = out[p] + gp if p in out else gp
+
+
+class OpRules:
+    """Dispatch a use to its operation's rule; exact gradients or sketches (``rules``)."""
+
+    def __init__(self, rules_of):
+        self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
+        self._sums = None
+
+    @property
+    def rules(self):
+        return self._rules_of()
+
+    def features(self, use: OpUse, g: torch.Tensor, sums=None) -> dict:
+        """``{param: (B, width)}`` fp32 for this use; ``g`` is the grad-output, batch first.
+
+        With ``sums`` (:class:`~sdi.rules.modes.StepSums`, projected only), the use is added to
+        the pass's sums instead, hashed once per pass where that is cheaper; returns ``{}``.
+        """
+        self._sums = sums
+        out = self._features(use, g)
+        return {p: f for p, f in out.items() if f is not None}
+
+    def _features(self, use: OpUse, g: torch.Tensor) -> dict:
+        if use.func in _LINEAR or use.func in _MATMUL or use.func is torch.einsum:
+            done = self._linear(use, g)
+            if done is not None:
+                return done
+        if use.func in _EMBEDDING:
+            done = self._embedding(use, g)
+            if done is not None:
+                return done
+        grads = None
+        if use.func in _MUL or use.func in _ADD:
+            grads = self._broadcast(use, g)
+        if grads is None:
+            grads = op_vjp(use, g)
+        return {p: self.finish(p, gp) for p, gp in grads.items()}
+
+    def finish(self, p, grad: torch.Tensor) -> torch.Tensor:
+        """A dense per-example gradient ``(B, *p.shape)`` as this mode's feature."""
+        if self.rules.exact:
+            return grad.reshape(grad.shape[0], -1).float()
+        if self._sums is not None:
+            self._sums.add_grad(p, grad.reshape(grad.shape[0], -1).float())
+            return None
+        return self.rules.sketch_flat(p, grad)
+
+    def _linear(self, use: OpUse, g: torch.Tensor):
+        if use.func is torch.einsum:
+            x, w, transposed = _einsum_linear(use)
+            bias = None
+        else:
+            x, w = use.args[0], use.args[1]
+            bias = use.args[2] if len(use.args) > 2 else use.kwargs.get("bias")
+            transposed = use.func in _MATMUL  # x @ w is linear(x, w.t())
+            if transposed and (x.tensor.dim() < 2 or bias is not None or use.kwargs):
+                return None
+        if not isinstance(x, Batched) or not isinstance(w, Operand) or len(w.shape) != 2:
+            return None
+        a, gt = tokens(_batch_first(x)), tokens(g)
+        out: dict = {}
+        view = matrix_view(w.derived)
+        wanted = [p for p in w.derived.params if p in set(use.params)]
+        if view is not None and view.param in set(use.params):
+            flip = view.transposed != transposed
+            out[view.param] = self._linear_block(view, a, gt, flip)
+            wanted = [p for p in wanted if p is not view.param]
+        if wanted:
+            phi = torch.einsum("bto,bti->boi", gt.float(), a.float())
+            dense: dict = {}
+            _dense(use, g, w, phi.transpose(1, 2) if transposed else phi, wanted, dense)
+            out.update({p: self.finish(p, gp) for p, gp in dense.items()})
+        if isinstance(bias, Operand):
+            dense = {}
+            _dense(use, g, bias, gt.sum(dim=1).float(), use.params, dense)
+            for p, gp in dense.items():
+                f = self.finish(p, gp)
+                out[p] = out[p] + f if out.get(p) is not None and f is not None else f
+        return out
+
+    def _linear_block(self, view, a, g, flip: bool) -> torch.Tensor:
+        """``phi = G^T A`` of a block (``flip``: the block is ``A^T G``), as this mode's feature."""
+        p, rules = view.param, self.rules
+        if flip:
+            a, g = g, a
+        B = a.shape[0]
+        if rules.exact:
+            rows = p.numel() // p.shape[-1]
+            full = torch.zeros(B, rows, p.shape[-1], device=a.device)
+            full[:, view.r0 : view.r1, view.c0 : view.c1] = torch.einsum(
+                "bto,bti->boi", g.float(), a.float()
+            )
+            return full.reshape(B, -1)
+        table = rules.tables[p]
+        if view.whole and rules.prefers_explicit(p, a.shape[1], a.device, B):
+            if self._sums is not None:
+                self._sums.add_linear(p, a, g)
+                return None
+            return rules.sketch_dense(p, rules.weight_grads(p, a, g))
+        if not view.whole:
+            table = TensorSketchHash(
+                _rows(table.out, view.r0, view.r1), _rows(table.inp, view.c0, view.c1)
+            )
+        return self._sketched(p, rules.backend.tensor_sketch_linear(a, g, table))
+
+    def _sketched(self, p, sketch: torch.Tensor) -> torch.Tensor | None:
+        if self._sums is None:
+            return sketch
+        self._sums.add_sketch(p, sketch)
+        return None
+
+    def _embedding(self, use: OpUse, g: torch.Tensor):
+        ids, w = use.args[0], use.args[1]
+        if not isinstance(ids, Batched) or not isinstance(w, Operand):
+            return None
+        extra = dict(
+            zip(
+                ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                use.args[2:],
+                strict=False,
+            )
+        )
+        extra.update(use.kwargs)
+        if extra.get("max_norm") is not None or extra.get("scale_grad_by_freq"):
+            return None
+        view = matrix_view(w.derived)
+        if view is None or not view.whole or use.params != (view.param,):
+            return None
+        idx = _batch_first(ids)
+        idx = idx.reshape(idx.shape[0], -1).long()
+        gt = tokens(g)
+        pad = extra.get("padding_idx")
+        if pad is not None:
+            gt = gt * (idx != pad % view.param.shape[0]).unsqueeze(-1).to(gt.dtype)
+        p = view.param
+        if self.rules.exact:
+            B, V = idx.shape[0], p.shape[0]
+            rows = idx + V * torch.arange(B, device=idx.device).unsqueeze(1)
+            dense = torch.zeros(B * V, gt.shape[-1], device=gt.device)
+            dense.index_add_(0, rows.reshape(-1), gt.reshape(-1, gt.shape[-1]).float())
+            return {p: dense.reshape(B, -1)}
+        return {
+            p: self._sketched(
+                p, self.rules.backend.tensor_sketch_embedding(idx, gt, self.rules.tables[p])
+            )
+        }
+
+    def _broadcast(self, use: OpUse, g: torch.Tensor):
+        """``x * s`` / ``x + s``: the gradient w.r.t. ``s`` is ``g x`` / ``g`` summed over the dims
+        ``s`` is broadcast along -- unless ``s`` spans the batch dimension itself."""
+        if len(use.args) != 2 or use.kwargs:
+            return None
+        ops = [a for a in use.args if isinstance(a, Operand)]
+        xs = [a for a in use.args if isinstance(a, Batched)]
+        if len(ops) != 1 or len(xs) != 1:
+            return None
+        s, x = ops[0], xs[0]
+        nd = g.dim()
+        shape = (1,) * (nd - len(s.shape)) + tuple(s.shape)
+        if len(s.shape) > nd or shape[use.out_dim] != 1:
+            return None
+        prod = g
+        if use.func in _MUL:
+            if x.tensor.dim() != nd or x.dim != use.out_dim:
+                return None
+            prod = g * x.tensor.movedim(x.dim, 0)
+        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
+        dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
+        reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
+        grad = reduced.reshape(g.shape[0], *s.shape)
+        out: dict = {}
+        _dense(use, g, s, grad, use.params, out)
+        return out
+
+
+def _einsum_linear(use: OpUse):
+    """``(x, w, transposed)`` when ``use`` is ``einsum("...i,oi->...o", x, w)`` (``transposed``:
+    ``"...i,io->...o"``), the batch of ``x`` among its leading letters; else ``(None, None, _)``."""
+    args = use.args[1:] if len(use.args) == 3 else tuple(use.args[1]) if len(use.args) == 2 else ()
+    if len(args) != 2 or not isinstance(use.args[0], str) or use.kwargs:
+        return None, None, False
+    spec = use.args[0].replace(" ", "")
+    if "->" not in spec or "." in spec:
+        return None, None, False
+    ins, out = spec.split("->")
+    subs = ins.split(",")
+    if len(subs) != 2:
+        return None, None, False
+    if isinstance(args[0], Operand):  # w first: swap to (x, w)
+        args, subs = args[::-1], subs[::-1]
+    xs, ws = subs
+    if len(ws) != 2 or not xs or xs[:-1] != out[:-1] or len(set(xs)) != len(xs):
+        return None, None, False
+    contracted, produced = xs[-1], out[-1]
+    if contracted in out or produced in xs:
+        return None, None, False
+    if ws == produced + contracted:
+        return args[0], args[1], False
+    if ws == contracted + produced:
+        return args[0], args[1], True
+    return None, None, False
+
+
+def _rows(table: CountSketchHash, start: int, stop: int) -> CountSketchHash:
+    return CountSketchHash(table.h[start:stop], table.s[start:stop], table.m)
+
+
+def op_vjp(use: OpUse, g: torch.Tensor) -> dict:
+    """The exact per-example gradients ``(B, *p.shape)`` of ``use.params`` through this one
+    operation: ``vmap`` over the batch of ``vjp`` (each example a batch of one); a per-example
+    loop when ``vmap`` cannot follow the operation."""
+    leaves, spec = tree_flatten((use.args, use.kwargs))
+    batched = [i for i, x in enumerate(leaves) if isinstance(x, Batched)]
+    B = g.shape[0]
+    rows, dims = [], []
+    for i in batched:
+        x = leaves[i]
+        if x.tensor.shape[x.dim] == B:
+            rows.append(x.tensor)
+            dims.append(x.dim)
+        else:  # size 1: broadcast to every example
+            leaves[i] = x.tensor
+    batched = [i for i in batched if isinstance(leaves[i], Batched)]
+    params = list(use.params)
+    operands = {i: x.derived for i, x in enumerate(leaves) if isinstance(x, Operand)}
+    every = {p for d in operands.values() for p in d.params}
+    fixed = {p: p.detach() for p in every if p not in set(params)}
+
+    def run(values, ex_rows):
+        vals = {**fixed, **dict(zip(params, values, strict=True))}
+        filled = list(leaves)
+        for i, d in operands.items():
+            filled[i] = d.value(vals)
+        for i, r, d in zip(batched, ex_rows, dims, strict=True):
+            filled[i] = r.unsqueeze(d)
+        args, kwargs = tree_unflatten(filled, spec)
+        out = use.func(*args, **kwargs)
+        return next(o for o in tree_flatten(out)[0] if torch.is_tensor(o))
+
+    primals = tuple(p.detach() for p in params)
+    cot = g.movedim(0, use.out_dim)
+
+    def one(ex_rows, g_i):
+        out, pull = vjp(lambda *v: run(v, ex_rows), *primals)
+        return pull(g_i.unsqueeze(use.out_dim).to(out.dtype))
+
+    try:
+        with torch.enable_grad():
+            grads = vmap(one, in_dims=(dims, use.out_dim))(rows, cot)
+    except Exception:  # data-dependent shapes and the like: one example at a time
+        per = [
+            one(
+                [r.select(d, b) for r, d in zip(rows, dims, strict=True)],
+                cot.select(use.out_dim, b),
+            )
+            for b in range(B)
+        ]
+        grads = [torch.stack([q[k] for q in per]) for k in range(len(params))]
+    return {p: gp.float() for p, gp in zip(params, grads, strict=True)}
