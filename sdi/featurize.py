@@ -127,10 +127,14 @@ class _Pass:
 def _check_loss(loss: Any) -> torch.Tensor:
     """``loss_fn``'s result, refused unless it is a scalar or a vector ``(B,)`` of ``B > 0``."""
     if not torch.is_tensor(loss):
-        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        raise TypeError(
+            f"loss_fn must return a tensor, got {type(loss).__name__}: return the per-example "
+            "losses, a tensor of shape (B,)"
+        )
     if loss.dim() > 1:
         raise ValueError(
-            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}"
+            f"loss_fn must return a scalar or per-example losses (B,), got shape {tuple(loss.shape)}: "
+            "reduce every dimension but the batch (per-token losses (B, T): .mean(dim=1))"
         )
     if loss.numel() == 0:
         raise ValueError(

@@ -370,19 +370,20 @@ def test_a_batch_whose_loop_halts_before_its_first_step_gets_zero_rows(
     assert all((v == 0).all() and v.shape[1] == steps for v in phi.phi.values())
 
 
-def test_root_parameters_of_a_looped_model_are_named_with_a_selection_that_works(
+def test_root_parameters_of_a_looped_model_are_attributed_where_they_are_used(
     tmp_path, model, train_batches, query_batches
 ):
+    # The root's own parameter (the position table `pos`) is used by an operation in the root's
+    # forward, before the loop: captured at that operation, it lands in the prelude step, so the
+    # whole model can be selected (it used to be refused, naming a selection that works).
     path = save_checkpoint(tmp_path / "a.pt", model)
     est = ProjectedTracInSDI(
         model=model, target_modules=model, projection_size=16, allow_mixed_steps=True
     )
-    with pytest.raises(RuntimeError) as err:
-        _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)
-    message = str(err.value)
-    assert "parameters ['pos'] belong to the root module (LoopedTransformer)" in message
-    works = "target_modules=[model.embed, model.core, model.head] with allow_mixed_steps=True"
-    assert works in message and "target_modules=model.core" in message
+    whole = _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)
+    assert "<model>" in str(est.step_plan)  # the root's own use of `pos`, in the prelude
+    assert whole.sdi.shape == (7, 4, model.loop_steps + 2)
+    torch.testing.assert_close(whole.sdi.sum(-1), whole.tracin, rtol=1e-4, atol=1e-5)
     est.close()
     est = ProjectedTracInSDI(
         model=model,
@@ -390,7 +391,7 @@ def test_root_parameters_of_a_looped_model_are_named_with_a_selection_that_works
         projection_size=16,
         allow_mixed_steps=True,
     )
-    out = _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)  # it works
+    out = _run(est, [CheckpointSpec(path, 1.0)], train_batches, query_batches)
     assert out.sdi.shape == (7, 4, model.loop_steps + 2)
 
 
@@ -404,11 +405,17 @@ class _DictOut(nn.Module):
         return {"y": self.body(x * self.scale).squeeze(-1)}
 
 
-def test_root_parameter_of_a_model_returning_a_dict_is_named():
-    model = _DictOut()
-    est = ProjectedTracInSDI(model=model, target_modules=model, projection_size=8)
-    with pytest.raises(RuntimeError, match=r"\['scale'\] belong to the root module.*model.body"):
-        est.featurize_loader(loader=[torch.randn(4, 3)], loss_fn=lambda m, x: m(x)["y"])
+def test_root_parameter_of_a_model_returning_a_dict_is_attributed_at_its_operation():
+    # `scale` is used by `x * self.scale` in the root's forward: captured at that operation, its
+    # per-example gradient is exact although the root returns a dict (it used to be refused).
+    torch.manual_seed(0)
+    model, x = _DictOut(), torch.randn(4, 3)
+    est = FullGradientTracInSDI(model=model, target_modules=model)
+    phi = est.featurize_loader(loader=[x], loss_fn=lambda m, b: m(b)["y"]).phi
+    want = torch.stack(
+        [torch.autograd.grad(model(x[i : i + 1])["y"].sum(), model.scale)[0] for i in range(4)]
+    )
+    torch.testing.assert_close(phi["scale"].sum(1).reshape(4), want.reshape(4))
 
 
 # -- item 6: sizes checked before the work ------------------------------------------------------
