@@ -30,7 +30,13 @@ import looped_lm  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from capture_oracle import Access, exact_tracin_sdi, owned_or_inside, per_step_gradients  # noqa: E402
+from capture_oracle import (  # noqa: E402
+    Access,
+    exact_tracin_sdi,
+    one_example_accesses,
+    owned_or_inside,
+    per_step_gradients,
+)
 from conftest import tiny_model  # noqa: E402
 
 from sdi import CheckpointSpec, FullGradientTracInSDI, ProjectedTracInSDI  # noqa: E402
@@ -283,6 +289,42 @@ def test_oracle_matches_existing_estimator(name, tmp_path):
     """The oracle agrees with today's estimator where module hooks see every use (the toy model:
     its core, and embed + core + head with prelude and readout steps)."""
     _check_exact(_case(name), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", [*(p for p in PATTERNS if p != "c_bank_unet"), "c_bank_all_layers"]
+)
+def test_oracle_sums_to_plain_autograd(name):
+    """The oracle's steps add up to plain per-example autograd of the parameters it saw, so it
+    misses no access (here on every pattern, with every use of those parameters counted: the bank
+    model with all its layers; the tied head's pattern is ``d_embed``)."""
+    case = _case("c_bank_unet" if name == "c_bank_all_layers" else name)
+    if name == "c_bank_all_layers":
+        case.counted = lambda a: a.name.endswith("_bank") or a.name.startswith("blocks.")
+    if name == "d_head_core":  # counts only the head's use of embed.weight
+        case.counted = owned_or_inside(case.model, [case.model.embed, case.model.core])
+        case.step_of = lambda a: min(a.k, case.steps - 1)
+    handle = case.hooked.register_forward_hook(case.hook) if case.hook else None
+    try:
+        one = {k: v[:1] for k, v in case.train[0].items()}
+        names = {
+            a.name for a in one_example_accesses(case.model, case.loss_fn, one) if case.counted(a)
+        }
+        named = dict(case.model.named_parameters())
+        got = per_step_gradients(
+            case.model, case.loss_fn, case.train, case.counted, case.step_of, case.steps
+        ).sum(1)
+        want = looped_lm.per_example_grads(
+            case.model, [named[n] for n in named if n in names], case.loss_fn, case.train
+        )
+    finally:
+        if handle:
+            handle.remove()
+    columns = torch.cat(
+        [torch.full((p.numel(),), n in names) for n, p in case.model.named_parameters()]
+    )
+    assert got[:, ~columns].abs().max() == 0
+    assert _rel(got[:, columns], want.double()) <= 1e-6  # b: float32 weights
 
 
 @pytest.mark.parametrize("name", PATTERNS)

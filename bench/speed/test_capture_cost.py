@@ -15,7 +15,8 @@ checkpoint, torch backend on the CPU):
 
 Every round of a benchmark runs just after a timed round of its partner (pytest-benchmark's
 ``setup``), so both see the same machine load; ``extra_info`` keeps the per-pair ratios and their
-median, which ``bench/speed/report.py`` tables.
+median, and the ratio of the fastest rounds (less sensitive to a loaded machine), which
+``bench/speed/report.py`` tables.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def paired(benchmark, run, partner, *, what: str, partner_what: str, target: flo
         partner_s=partner_s,
         ratios=ratios,
         ratio_median=statistics.median(ratios),
+        ratio_of_fastest=min(benchmark.stats.stats.data) / min(partner_s),  # steadier under load
         target=target,
     )
 
