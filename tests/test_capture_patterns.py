@@ -68,10 +68,6 @@ class Case:
     name: str = ""
 
 
-def _owned(model, targets):
-    return owned_or_inside(model, targets)
-
-
 def _casted_gpt(vectors: bool = True) -> nn.Module:
     """(b) in float64 activations with the CastedLinear weights kept in float32, as speed-run GPTs
     keep them in fp32 under bf16 activations: the cast in their forward is a real one."""
@@ -114,10 +110,10 @@ def _case(name: str) -> Case:
 
 
 def _build(name: str) -> Case:
-    torch.manual_seed(sum(map(ord, name)))
+    torch.manual_seed(sum(map(ord, name.replace("_after", "_before"))))  # (g): one model
     if name == "toy_core":  # the oracle's check: the estimator already handles these
         m = tiny_model(steps=TAU).double()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU, **_toy_data())
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU, **_toy_data())
     if name == "toy_embed_core_head":  # prelude and readout steps
         m = tiny_model(steps=TAU).double()
         t = [m.embed, m.core, m.head]
@@ -125,7 +121,7 @@ def _build(name: str) -> Case:
         return Case(
             m,
             t,
-            _owned(m, t),
+            owned_or_inside(m, t),
             TAU + 2,
             step_of=lambda a: step.get(a.name, a.k + 1),
             options=dict(allow_mixed_steps=True),
@@ -133,17 +129,17 @@ def _build(name: str) -> Case:
         )
     if name == "a_block":
         m = cm.FunctionalChildLM(TAU).double()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU)
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
     if name == "a_children":  # the children alone: their forward never runs
         m = cm.FunctionalChildLM(TAU).double()
         t = [m.core.conv, m.core.proj]
-        return Case(m, t, _owned(m, t), TAU)
+        return Case(m, t, owned_or_inside(m, t), TAU)
     if name == "b_linear":  # the same GPT built from nn.Linear: the baseline of (b)
         m = cm.LoopedGPT(casted=False).double()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU)
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
     if name == "b_casted":
         m = _casted_gpt()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU)
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
     if name == "c_bank_unet":
         m = cm.BankUNetGPT(band_passes=TAU).double()
         t = [m.blocks[i] for i in m.band]
@@ -157,21 +153,25 @@ def _build(name: str) -> Case:
                 return 0 if a.k == 0 else TAU + 1
             return a.k + 1
 
-        return Case(m, t, _owned(m, t), TAU + 2, step, options=dict(allow_mixed_steps=True))
+        return Case(
+            m, t, owned_or_inside(m, t), TAU + 2, step, options=dict(allow_mixed_steps=True)
+        )
     if name == "d_embed":  # the embedding alone: its two uses are its two steps
         m = cm.TiedLM(TAU).double()
-        return Case(m, [m.embed], _owned(m, [m.embed]), 2)
+        return Case(m, [m.embed], owned_or_inside(m, [m.embed]), 2)
     if name == "d_head_core":  # the head module: embed.weight used inside its call
         m = cm.TiedLM(TAU).double()
         t = [m.head, m.core]
         step = lambda a: TAU if "head" in a.modules else a.k  # noqa: E731
-        return Case(m, t, _owned(m, t), TAU + 1, step, options=dict(allow_mixed_steps=True))
+        return Case(
+            m, t, owned_or_inside(m, t), TAU + 1, step, options=dict(allow_mixed_steps=True)
+        )
     if name in ("e_batch_is_d", "e_batch_is_seq"):
         d, seq = 6, 5
         batch = d if name == "e_batch_is_d" else seq
         m = cm.ArgumentLM(d=d, seq=seq, tau=TAU).double()
         t = list(m.blocks)
-        owned = _owned(m, t)
+        owned = owned_or_inside(m, t)
         return Case(
             m,
             t,
@@ -182,15 +182,20 @@ def _build(name: str) -> Case:
         )
     if name == "f_encoder_layer":
         m = cm.EncoderLayerLM(TAU).double().eval()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU)
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
     if name in ("g_hook_before", "g_hook_after"):
         m = cm.LoopedGPT(casted=False).double()
         return Case(
-            m, [m.core], _owned(m, [m.core]), TAU, hook=_ablate_channels, hooked=m.core.proj
+            m,
+            [m.core],
+            owned_or_inside(m, [m.core]),
+            TAU,
+            hook=_ablate_channels,
+            hooked=m.core.proj,
         )
     if name in ("h_keyword", "h_weight_norm"):
         m = cm.KeywordLM(reparametrised=name == "h_weight_norm", tau=TAU).double()
-        return Case(m, [m.core], _owned(m, [m.core]), TAU)
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
     raise KeyError(name)
 
 
@@ -338,7 +343,7 @@ def test_user_hook_before_and_after_give_the_same_features(tmp_path):
     before, after = _case("g_hook_before"), _case("g_hook_after")
     path = _save(before, tmp_path)
     out_before, _ = _exact_outputs(before, path)
-    out_after, _ = _exact_outputs(after, path)  # the same weights: both built with the same seed
+    out_after, _ = _exact_outputs(after, path)  # the same model, weights and data
     assert _rel(out_after.sdi, out_before.sdi.double()) <= 1e-6
 
 
@@ -372,3 +377,20 @@ def test_triton_backend_equals_torch(name, tmp_path, monkeypatch):
             outputs[backend] = _influence(est, path, case, "sdi")
     ours, ref = outputs["triton"], outputs["torch"]
     assert _rel(ours.sdi, ref.sdi.double()) < 1e-4 and _rel(ours.tracin, ref.tracin.double()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name, shown",
+    [
+        ("c_bank_unet", ["qo_bank", "kv_bank", "up_bank", "down_bank"]),
+        ("a_children", ["conv", "proj"]),
+        ("d_head_core", ["embed"]),
+    ],
+)
+def test_step_plan_shows_functional_and_slice_uses(name, shown, tmp_path):
+    """``step_plan`` lists the uses it found by parameter: banks, functional and tied uses too."""
+    case = _case(name)
+    with _estimator(case, FullGradientTracInSDI) as est:
+        _influence(est, _save(case, tmp_path), case, "tracin")
+        plan = str(est.step_plan)
+    assert all(s in plan for s in shown), plan
