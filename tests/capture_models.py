@@ -18,7 +18,7 @@ from scratch with odd sizes, random weights, eval mode; ``lm_loss`` is the per-e
   passed to the looped blocks as arguments, so that a batch size can equal ``d`` or ``T``.
 - ``EncoderLayerLM`` (f): a looped ``nn.TransformerEncoderLayer``.
 - ``KeywordLM`` (h): a block that calls its ``nn.Linear`` as ``self.qkv(input=x)``, and optionally
-  holds a ``weight_norm``-parametrised Linear.
+  holds a ``weight_norm``-parametrised Linear, or normalises a weight inline before ``F.linear``.
 """
 
 from __future__ import annotations
@@ -370,11 +370,13 @@ class EncoderLayerLM(nn.Module):
 
 class KeywordBlock(nn.Module):
     """Attention whose ``qkv`` Linear is called with a keyword argument, and an MLP whose ``up``
-    Linear is optionally ``weight_norm``-parametrised (``up.parametrizations.weight``)."""
+    Linear is optionally ``weight_norm``-parametrised (``up.parametrizations.weight``).
+    ``inline_norm``: the output projection's rows are normalised in the forward, by plain tensor
+    ops on the weight before ``F.linear`` (as nGPT-style models do)."""
 
-    def __init__(self, d: int, heads: int, ff: int, reparametrised: bool):
+    def __init__(self, d: int, heads: int, ff: int, reparametrised: bool, inline_norm: bool):
         super().__init__()
-        self.heads = heads
+        self.heads, self.inline_norm = heads, inline_norm
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d, bias=False)
         self.up = weight_norm(nn.Linear(d, ff)) if reparametrised else nn.Linear(d, ff)
@@ -384,16 +386,21 @@ class KeywordBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(input=_rms(x)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
-        x = x + self.proj(causal_attention(q, k, v))
+        y = causal_attention(q, k, v)
+        if self.inline_norm:
+            w = self.proj.weight
+            x = x + F.linear(y, 2 * w / w.norm(dim=1, keepdim=True))
+        else:
+            x = x + self.proj(y)
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
 class KeywordLM(nn.Module):
-    def __init__(self, reparametrised: bool, tau: int = 3):
+    def __init__(self, reparametrised: bool = False, inline_norm: bool = False, tau: int = 3):
         super().__init__()
         self.tau = tau
         self.embed = nn.Embedding(VOCAB, D)
-        self.core = KeywordBlock(D, HEADS, FF, reparametrised)
+        self.core = KeywordBlock(D, HEADS, FF, reparametrised, inline_norm)
         self.head = nn.Linear(D, VOCAB, bias=False)
         _perturb(self.core)
 

@@ -193,9 +193,12 @@ def _build(name: str) -> Case:
             hook=_ablate_channels,
             hooked=m.core.proj,
         )
-    if name in ("h_keyword", "h_weight_norm"):
-        m = cm.KeywordLM(reparametrised=name == "h_weight_norm", tau=TAU).double()
-        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU)
+    if name in ("h_keyword", "h_weight_norm", "h_inline_norm"):
+        kind = dict(reparametrised=name == "h_weight_norm", inline_norm=name == "h_inline_norm")
+        m = cm.KeywordLM(tau=TAU, **kind).double()
+        twice = "core.proj.weight" if name == "h_inline_norm" else None  # `2 * w`, `w.norm()`
+        step = lambda a: a.k // 2 if a.name == twice else a.k  # noqa: E731
+        return Case(m, [m.core], owned_or_inside(m, [m.core]), TAU, step)
     raise KeyError(name)
 
 
@@ -215,6 +218,7 @@ PATTERNS = [
     "g_hook_after",
     "h_keyword",
     "h_weight_norm",
+    "h_inline_norm",  # beyond the list: a weight normalised by tensor ops before its use
 ]
 
 
