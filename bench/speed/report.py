@@ -169,8 +169,36 @@ def rule_cost(benchmarks: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def capture_cost(benchmarks: list[dict]) -> list[str]:
+    """Issue 18's speed rows (``test_capture_cost.py``): each against its partner, paired rounds."""
+    rows = [b for b in benchmarks if b["extra_info"].get("op") == "capture"]
+    if not rows:
+        return []
+    lines = [
+        "## Capture at the operation: looped GPTs (paired rounds)",
+        "",
+        "`bench/speed/test_capture_cost.py`: a looped GPT block (`tests/capture_models.py`),"
+        ' projected `mode="tracin"`, each round after a timed round of its partner.',
+        "",
+        "| what | median s | partner | partner median s | ratio (median of pairs) | per-pair"
+        " | fastest / fastest | target |",
+        "|---|---:|---|---:|---:|---|---:|---|",
+    ]
+    for b in rows:
+        info = b["extra_info"]
+        ratio, target = info["ratio_median"], info["target"]
+        pairs = ", ".join(f"{r:.2f}" for r in info["ratios"])
+        partner_s = sorted(info["partner_s"])[len(info["partner_s"]) // 2]
+        lines.append(
+            f"| {info['what']} | {b['stats']['median']:.3f} | {info['partner']} | {partner_s:.3f}"
+            f" | {ratio:.2f} | {pairs} | {info.get('ratio_of_fastest', float('nan')):.2f}"
+            f" | <= {target}: {verdict(ratio <= target)} |"
+        )
+    return [*lines, ""]
+
+
 def sketch_ops(benchmarks: list[dict]) -> list[str]:
-    rows = [b for b in benchmarks if b["extra_info"].get("op") not in (None, "rule")]
+    rows = [b for b in benchmarks if b["extra_info"].get("op") not in (None, "rule", "capture")]
     if not rows:
         return []
     fastest: dict[tuple, tuple[float, str]] = {}
@@ -229,6 +257,7 @@ def main() -> None:
         " model.core, one checkpoint.",
         "",
         *end_to_end(benchmarks),
+        *capture_cost(benchmarks),
         *reference(json.loads(args.reference.read_text())),
         *hf_row(args.hf, args.command),
         *sketch_ops(benchmarks),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from capture_models import CastedLinear
 
 from sdi.backend import get_backend
 from sdi.hooks import Call
@@ -21,6 +22,8 @@ from sdi.rules import GENERIC, SketchRules, rule_for
 B, T, M = 32, 64, 1024  # the DESIGN §5 CPU workload's batch, sequence and sketch size
 MODULES = {
     "linear-128x384": (lambda: nn.Linear(128, 384), (B, T, 128)),
+    # a Linear subclass with its own (casting) forward; "specific" is whatever rule sdi picks
+    "casted-linear-128x384": (lambda: CastedLinear(128, 384), (B, T, 128)),
     "layernorm-128": (lambda: nn.LayerNorm(128), (B, T, 128)),
     "conv1d-128-k3": (lambda: nn.Conv1d(128, 128, 3, padding=1, groups=128), (B, 128, T)),
 }
