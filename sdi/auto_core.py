@@ -85,6 +85,7 @@ class _Timeline:
     order: list[nn.Module] = field(default_factory=list)
     uses: dict[nn.Module, list[int]] = field(default_factory=dict)
     spans: dict[nn.Module, list[tuple[int, int]]] = field(default_factory=dict)
+    entries: dict[nn.Module, list[list]] = field(default_factory=dict)  # [enter, exit, call]
     clock: int = 0
 
     def tick(self) -> int:
@@ -115,7 +116,9 @@ class _CallCounter:
         log = self.log
         log.uses.setdefault(module, []).append(len(log.order))
         log.order.append(module)
-        log.spans.setdefault(module, []).append((enter, log.tick()))
+        leave = log.tick()
+        log.spans.setdefault(module, []).append((enter, leave))
+        log.entries.setdefault(module, []).append([enter, leave, None])
 
     def close(self) -> None:
         for handle in self._handles:
@@ -215,9 +218,10 @@ def find_looped_core(
         )
     owners = _owners(model, outer)
     try:
+        shown = {m: n.rpartition(".")[0] or "<model>" for n, m in owners.items()}
         plan = plan_steps(
             log,  # type: ignore[arg-type]  # the CallLog fields plan_steps reads
-            owners,
+            {m: shown[m] for m in shown if m in log.entries},
             expected_steps=None,
             allow_mixed_steps=allow_mixed_steps,
         )
