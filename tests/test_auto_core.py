@@ -192,6 +192,7 @@ PATTERNS = {
     "c_bank_unet": (lambda: cm.BankUNetGPT(band_passes=3), lambda m: [m.blocks[2], m.blocks[3]]),
     "c_bank_unet_frozen_vectors": (_frozen_vector_bank_unet, lambda m: [m.blocks[2], m.blocks[3]]),
     "d_tied": (lambda: cm.TiedLM(3), lambda m: [m.core]),
+    "e_arguments": (lambda: cm.ArgumentLM(d=6, seq=cm.SEQ), lambda m: list(m.blocks)),
     "f_encoder_layer": (lambda: cm.EncoderLayerLM(3), lambda m: [m.core]),
     "h_keyword": (lambda: cm.KeywordLM(), lambda m: [m.core]),
     "h_weight_norm": (lambda: cm.KeywordLM(reparametrised=True), lambda m: [m.core]),
