@@ -1,12 +1,15 @@
 """``target_modules="auto"``: find the looped core of a model from one forward pass.
 
 The looped core is what SDI decomposes: the modules whose parameters are reused at every loop step.
-:func:`find_looped_core` runs ``loss_fn(model, batch)`` once (no backward) with a forward pre-hook
-and a forward hook on every module, counts the calls each module makes while gradients are enabled
-(iterations under ``torch.no_grad()`` leave no gradient and are no step), and keeps
+:func:`find_looped_core` runs ``loss_fn(model, batch)`` once (no backward) under a
+:class:`sdi.auto_trace.CallTrace`: every module's calls made while gradients are enabled
+(iterations under ``torch.no_grad()`` leave no gradient and are no step), and which calls computed
+with trainable parameters, seen at the operation. It keeps
 
-- the modules that own trainable parameters (themselves or in their children) and ran more than
-  once,
+- the modules that ran more than once and own trainable parameters or computed with any during
+  their calls: a block passed bank slices or a parent's weight (``BankUNetGPT``'s band), a block
+  calling its children's weights functionally (``F.linear(x, self.proj.weight)``) -- the uses the
+  featuriser counts for a selected module (README, "Steps and parameter rules");
 - outermost first: a repeated module inside a repeated module (ALBERT's attention inside its shared
   layer group, a gate inside a loop layer) belongs to the outer one and is not a candidate.
 
@@ -14,12 +17,12 @@ If every outermost candidate ran the same number of times, they are the core (on
 weight-tied block, the layers of a multi-layer loop); the model's order is kept. If they ran
 different numbers of times (HRM-text's ``L_module`` and ``H_module``), which one is meant cannot be
 told from the forward pass: :class:`AmbiguousCoreError` lists the candidates with their use counts
-and says how to choose one. The steps of the chosen core are planned as the estimators plan them
-(:func:`sdi.steps.plan_steps`) and come back as a :class:`sdi.steps.StepPlan`.
+and says how to choose one. The steps of the core's module calls are planned as the estimators plan
+them (:func:`sdi.steps.plan_steps`) and come back as a :class:`sdi.steps.StepPlan`; the featuriser
+replaces that plan with the one of its captured uses on its first forward.
 
-Detection sees module calls only: a loop that applies its weights functionally
-(``F.linear(x, self.w)`` in a Python loop, or a parameter bank indexed per step) calls no module
-twice and is reported as "no looped core found"; pass ``target_modules`` explicitly there.
+A loop with no repeated module call (``F.linear(x, self.w)`` in a Python loop of the model's own
+forward) is reported as "no looped core found"; pass ``target_modules`` explicitly there.
 
 The estimators take ``target_modules="auto"`` (:class:`PendingFeaturizer`): they resolve it on the
 first call that has data, from the first batch of its query loader (``loader`` for
@@ -31,12 +34,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .auto_trace import CallTrace
 from .featurize import Featurizer
 from .steps import StepPlan, plan_steps
 
@@ -49,7 +53,7 @@ class AmbiguousCoreError(ValueError):
 
 
 class NoLoopedCoreError(ValueError):
-    """No parameter-owning module ran more than once in the forward pass."""
+    """No module computing with trainable parameters ran more than once in the forward pass."""
 
 
 @dataclass(frozen=True)
@@ -75,60 +79,6 @@ class LoopedCore:
 
 def is_auto(target_modules: Any) -> bool:
     return isinstance(target_modules, str) and target_modules == AUTO
-
-
-@dataclass
-class _Timeline:
-    """What :func:`sdi.steps.plan_steps` reads of a forward pass (as :class:`sdi.hooks.CallLog`
-    holds it): per module its calls' positions in ``order`` and their (enter, exit) ticks."""
-
-    order: list[nn.Module] = field(default_factory=list)
-    uses: dict[nn.Module, list[int]] = field(default_factory=dict)
-    spans: dict[nn.Module, list[tuple[int, int]]] = field(default_factory=dict)
-    entries: dict[nn.Module, list[list]] = field(default_factory=dict)  # [enter, exit, call]
-    clock: int = 0
-
-    def tick(self) -> int:
-        self.clock += 1
-        return self.clock
-
-
-class _CallCounter:
-    """Forward (pre-)hooks on every module: each call's enter / exit tick, grad-enabled calls only."""
-
-    def __init__(self, model: nn.Module):
-        self.log = _Timeline()
-        self._open: dict[nn.Module, list[int]] = {}
-        self._handles = []
-        for module in model.modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter))
-            self._handles.append(module.register_forward_hook(self._leave))
-
-    def _enter(self, module: nn.Module, args) -> None:
-        if torch.is_grad_enabled():
-            self._open.setdefault(module, []).append(self.log.tick())
-
-    def _leave(self, module: nn.Module, args, output) -> None:
-        stack = self._open.get(module)
-        if not stack:  # entered under no_grad (or before the hooks were added)
-            return
-        enter = stack.pop()
-        log = self.log
-        log.uses.setdefault(module, []).append(len(log.order))
-        log.order.append(module)
-        leave = log.tick()
-        log.spans.setdefault(module, []).append((enter, leave))
-        log.entries.setdefault(module, []).append([enter, leave, None])
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def __enter__(self) -> _CallCounter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _ancestors(model: nn.Module) -> dict[nn.Module, set[nn.Module]]:
@@ -182,28 +132,30 @@ def find_looped_core(
     training = {m: m.training for m in model.modules()}
     model.eval()  # no dropout, no batch-norm statistics updated by this look at the model
     try:
-        with _CallCounter(model) as counter, torch.enable_grad():
+        with CallTrace(model) as trace, torch.enable_grad():
             loss_fn(model, batch)
     finally:
         for module, mode in training.items():
             module.training = mode
-    log = counter.log
-    counts = {m: len(u) for m, u in log.uses.items()}
+    log = trace.log
+    counts = {m: len(s) for m, s in log.spans.items()}
     if counts.get(model, 0) > 1:
         raise ValueError(
             f"loss_fn ran the whole model {counts[model]} times on one batch: the looped core is "
             "found from one forward pass, so loss_fn must call the model once"
         )
-    repeated = {m for m, c in counts.items() if c > 1 and m is not model and _trainable(m)}
+    parametric = {m for m in counts if _trainable(m) or m in trace.computing}
+    repeated = {m for m in parametric if counts[m] > 1 and m is not model}
     ancestors = _ancestors(model)
     outer = [m for m in names if m in repeated and not (ancestors[m] & repeated)]
     if not outer:
         raise NoLoopedCoreError(
-            f"no module that owns trainable parameters ran more than once (with gradients) in one "
-            f"forward pass of {type(model).__name__}: target_modules='auto' finds loops of module "
-            "calls only. If the loop applies its weights functionally (F.linear(x, self.w) in a "
-            "Python loop, a parameter bank indexed per step) or runs under torch.no_grad(), pass "
-            "target_modules explicitly (the modules whose parameters the loop reuses)."
+            f"no module that computes with trainable parameters ran more than once (with "
+            f"gradients) in one forward pass of {type(model).__name__}: target_modules='auto' "
+            "finds loops of module calls only. If the loop applies its weights outside any "
+            "repeated module call (F.linear(x, self.w) in a Python loop of the model's own "
+            "forward) or runs under torch.no_grad(), pass target_modules explicitly (the modules "
+            "whose parameters the loop reuses)."
         )
     distinct = sorted({counts[m] for m in outer})
     if len(distinct) > 1:
@@ -216,12 +168,15 @@ def find_looped_core(
             f"target_modules=model.get_submodule({rows[0][0]!r}), on the command line "
             f"--target-modules {rows[0][0]} (several modules of one loop: comma-separated names)."
         )
-    owners = _owners(model, outer)
+    # The plan shown at resolution: per module of the core that computed with parameters, its
+    # calls. The featuriser replaces it with the plan of its captured uses (functional uses and
+    # bank slices keyed as sdi.capture keys them) on its first forward.
+    planned = [m for m in names if m in parametric and (m in outer or ancestors[m] & set(outer))]
+    log.entries = {m: [[a, b, None] for a, b in log.spans[m]] for m in planned}
     try:
-        shown = {m: n.rpartition(".")[0] or "<model>" for n, m in owners.items()}
         plan = plan_steps(
             log,  # type: ignore[arg-type]  # the CallLog fields plan_steps reads
-            {m: shown[m] for m in shown if m in log.entries},
+            {m: names[m] for m in planned},
             expected_steps=None,
             allow_mixed_steps=allow_mixed_steps,
         )
@@ -229,20 +184,6 @@ def find_looped_core(
         chosen = ", ".join(names[m] for m in outer)
         raise ValueError(f"the looped core found ({chosen}) has no step plan: {err}") from err
     return LoopedCore(outer, [names[m] for m in outer], distinct[0], plan)
-
-
-def _owners(model: nn.Module, modules: list[nn.Module]) -> dict[str, nn.Module]:
-    """Trainable parameter name -> the module that owns it, for the parameters of ``modules``."""
-    param_names: dict[nn.Parameter, str] = {}
-    for name, p in model.named_parameters():
-        param_names.setdefault(p, name)
-    owners: dict[str, nn.Module] = {}
-    for top in modules:
-        for module in top.modules():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad and p in param_names:
-                    owners.setdefault(param_names[p], module)
-    return owners
 
 
 def first_batch(loader: Iterable[Any], name: str) -> Any:

@@ -34,7 +34,7 @@ from .hooks import Call, HookManager
 from .outputs import FeatureSet
 from .rules import GENERIC, ExactRules, SketchRules
 from .rules.ops import OpRules
-from .selection import Selection, enclosing, select
+from .selection import NOTHING_SELECTED, Selection, enclosing, select
 from .sizes import check_features_fit
 from .steps import StepPlan, plan_steps
 from .uses import Found, ModuleFallback, ParamScope
@@ -268,7 +268,7 @@ class Featurizer:
         self._targets, self._sketch = target_modules, (projection_size, seed, backend)
         self._fallbacks: list[nn.Module] = []
         chosen = self._layout([])
-        self.device = chosen.params[0].device
+        self.device = _device(model, chosen)
         self._pass: _Pass | None = None
         self._closed = False
         self.hooks, self.scope = _capture(self, chosen)
@@ -406,6 +406,8 @@ class Featurizer:
                     per_example = _check_loss(loss_fn(self.model, batch))
                 finally:
                     self._mode = None
+            if not self.blocks:  # parameterless modules whose calls used no parameter
+                raise ValueError(NOTHING_SELECTED)
             unused = {b.name: b.module for b in self.blocks if b.param not in log.used}
             if unused:  # why (sdi.diagnose), or a batch no selected module ran for: zero rows
                 return _without_uses(
@@ -469,6 +471,13 @@ class Featurizer:
         return FeatureSet(
             {b.name: flat[:, :, b.columns].reshape(n, steps, *b.shape) for b in self.blocks}, steps
         )
+
+
+def _device(model: nn.Module, chosen: Selection) -> torch.device:
+    """The selected parameters' device; the model's where the selected modules own none (the
+    parameters their calls use are found by the first forward)."""
+    params = chosen.params or list(model.parameters())
+    return params[0].device if params else torch.device("cpu")
 
 
 def _feature_size(f: Featurizer) -> dict:

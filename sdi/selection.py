@@ -19,6 +19,12 @@ import torch.nn as nn
 from .rules import GENERIC, RULES, ModuleRule, check_supported, rule_for
 from .rules.linear import LinearRule
 
+NOTHING_SELECTED = (
+    "target_modules hold no trainable parameters (all have requires_grad=False, or the modules "
+    "own none), and no operation inside their calls computed with one: select the modules whose "
+    "parameters you want analysed, with requires_grad=True"
+)
+
 
 @dataclass
 class Selection:
@@ -91,12 +97,11 @@ def select(
     target_modules = list(target_modules)
     selected = _selected_params(list(target_modules))
     found = [p for p in found if p not in set(selected)]
-    if not selected:
-        raise ValueError(
-            "target_modules hold no trainable parameters (all have requires_grad=False, or "
-            "the modules own none): select the modules whose parameters you want analysed, "
-            "with requires_grad=True"
-        )
+    # Modules of the model that own none: the uses inside their calls may count (found later).
+    inside = {id(m) for m in model.modules()}
+    calls = [m for m in target_modules if isinstance(m, nn.Module) and id(m) in inside]
+    if not selected and not (found or calls):
+        raise ValueError(NOTHING_SELECTED)
     devices = {p.device for p in selected}
     if len(devices) > 1:
         raise ValueError(

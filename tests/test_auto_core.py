@@ -7,11 +7,13 @@ on) and the toy model; the estimators with ``"auto"`` give what the explicit cor
 
 from __future__ import annotations
 
+import capture_models as cm
 import looped_lm
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from capture_oracle import exact_tracin_sdi, per_step_gradients
 from conftest import save_checkpoint, tiny_model
 from looped_lm import LoopedLM, lm_loss
 from test_hf_models import _albert, _batches, _hf_loss, _hrm
@@ -112,7 +114,7 @@ def test_model_run_twice_by_the_loss_is_refused():
 @pytest.mark.parametrize("cls", [ProjectedTracInSDI, FullGradientTracInSDI])
 def test_estimator_auto_equals_the_explicit_core(cls, tmp_path, capsys):
     model = tiny_model()
-    path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.3)
+    path = save_checkpoint(tmp_path / "ck.pt", model)  # learning rate 1
     train = random_token_batches(5, 3, 7, 19, seed=1)
     query = random_token_batches(3, 3, 7, 19, seed=2)
     run = dict(checkpoints=[path], train_loader=train, query_loader=query, loss_fn=next_token_loss)
@@ -144,3 +146,119 @@ def test_estimator_auto_refuses_a_one_shot_loader():
 def test_other_strings_are_refused():
     with pytest.raises(ValueError, match="only string accepted is 'auto'"):
         ProjectedTracInSDI(model=tiny_model(), target_modules="core")
+
+
+# The patterns of the capture issue (tests/capture_models.py): the looped core computes with
+# parameters it does not own (bank slices, a parent's weight) or through its children's weights.
+
+
+def _frozen_vector_bank_unet() -> nn.Module:
+    """(c) with the blocks' own vectors frozen: the band blocks own no trainable parameter, and
+    compute only with the bank slices their parent passes them."""
+    model = cm.BankUNetGPT(band_passes=3)
+    for p in model.blocks.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class _Mix(nn.Module):
+    """Owns nothing: mixes the stream with a weight passed in."""
+
+    def forward(self, x, w):
+        return x + torch.tanh(F.linear(x, w))
+
+
+class _PassedWeightLM(nn.Module):
+    """A parameterless block looped 3 times with the parent's ``w`` (a parent-owned weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(cm.VOCAB, cm.D)
+        self.w = nn.Parameter(torch.randn(cm.D, cm.D) / cm.D)
+        self.mix = _Mix()
+        self.head = nn.Linear(cm.D, cm.VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for _ in range(3):
+            x = self.mix(x, self.w.T)
+        return self.head(x)
+
+
+# name -> (model, the looped modules expected: the outermost modules run 3 times with parameters)
+PATTERNS = {
+    "a_functional_children": (lambda: cm.FunctionalChildLM(3), lambda m: [m.core]),
+    "b_casted_gpt": (lambda: cm.LoopedGPT(casted=True), lambda m: [m.core]),
+    "c_bank_unet": (lambda: cm.BankUNetGPT(band_passes=3), lambda m: [m.blocks[2], m.blocks[3]]),
+    "c_bank_unet_frozen_vectors": (_frozen_vector_bank_unet, lambda m: [m.blocks[2], m.blocks[3]]),
+    "d_tied": (lambda: cm.TiedLM(3), lambda m: [m.core]),
+    "e_arguments": (lambda: cm.ArgumentLM(d=6, seq=cm.SEQ), lambda m: list(m.blocks)),
+    "f_encoder_layer": (lambda: cm.EncoderLayerLM(3), lambda m: [m.core]),
+    "h_keyword": (lambda: cm.KeywordLM(), lambda m: [m.core]),
+    "h_weight_norm": (lambda: cm.KeywordLM(reparametrised=True), lambda m: [m.core]),
+    "parent_weight_passed": (_PassedWeightLM, lambda m: [m.mix]),
+}
+
+
+def _band_slices(model):
+    """The oracle's rule for the frozen-vector band: the band's bank slices, nothing else."""
+    slices = model.band_slices()
+    return lambda a: a.name in slices and a.index in slices[a.name]
+
+
+# Cores that own no trainable parameter: the estimators' TracIn is also checked against the
+# per-use autograd oracle of tests/capture_oracle.py (which accesses count).
+ORACLE_COUNTED = {
+    "c_bank_unet_frozen_vectors": _band_slices,
+    "parent_weight_passed": lambda model: lambda a: a.name == "w",
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_capture_pattern_core_and_exact_tracin(name, tmp_path, capsys):
+    torch.manual_seed(sum(map(ord, name)))
+    make, expected = PATTERNS[name]
+    model = make().double().eval()
+    want_modules = expected(model)
+    train, query = cm.token_batches(5, 3, seed=1), cm.token_batches(3, 3, seed=2)
+    core = find_looped_core(model, query[0], cm.lm_loss)
+    assert core.modules == want_modules and core.uses == 3 and core.plan.steps == 3
+
+    path = save_checkpoint(tmp_path / "ck.pt", model)  # learning rate 1
+    run = dict(checkpoints=[path], train_loader=train, query_loader=query, loss_fn=cm.lm_loss)
+    explicit = FullGradientTracInSDI(model=model, target_modules=want_modules)
+    want = explicit.influence_across_checkpoints(**run)
+    explicit.close()
+    auto = FullGradientTracInSDI(model=model, target_modules="auto")
+    got = auto.influence_across_checkpoints(**run)
+    auto.close()
+    assert ", ".join(core.names) + " -- 3 uses each" in capsys.readouterr().err
+    assert want.tracin.abs().max() > 0
+    torch.testing.assert_close(got.tracin, want.tracin, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.sdi, want.sdi, rtol=1e-10, atol=0)
+    if name in ORACLE_COUNTED:
+        counted = ORACLE_COUNTED[name](model)
+        grads = [
+            per_step_gradients(model, cm.lm_loss, batches, counted, lambda a: a.k, 3)
+            for batches in (train, query)
+        ]
+        oracle_tracin, oracle_sdi = exact_tracin_sdi(*grads)
+        torch.testing.assert_close(got.tracin.double(), oracle_tracin, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(got.sdi.double(), oracle_sdi, rtol=1e-5, atol=1e-8)
+
+
+def test_a_repeated_module_computing_with_no_trainable_parameter_is_no_core(tmp_path):
+    model = _PassedWeightLM().double().eval()
+    model.w.requires_grad_(False)  # `mix` runs 3 times, with a frozen weight only
+    batches = cm.token_batches(3, 3, seed=2)
+    with pytest.raises(NoLoopedCoreError, match="no module that computes with trainable"):
+        find_looped_core(model, batches[0], cm.lm_loss)
+    est = FullGradientTracInSDI(model=model, target_modules=[model.mix])  # accepted: calls may
+    with pytest.raises(ValueError, match="no operation inside their calls computed with one"):
+        est.influence_across_checkpoints(
+            checkpoints=[save_checkpoint(tmp_path / "ck.pt", model)],
+            train_loader=batches,
+            query_loader=batches,
+            loss_fn=cm.lm_loss,
+        )
+    est.close()
