@@ -70,6 +70,12 @@ class _Pass:
         keep no step sums of (exact features)."""
         return self.out is not None or self.sums is None
 
+    def collect_sums(self, columns: dict) -> None:
+        """Add the step sums the rules kept (hashed once per pass) to the summed features."""
+        if self.sums is not None:
+            for p, feature in self.sums.sketches():
+                self.out_sum[:, columns[p]] += feature
+
     def _add(self, columns: slice, slot: int, feature: torch.Tensor) -> None:
         if self.out is not None:
             self.out[:, slot, columns] += feature
@@ -179,8 +185,9 @@ def _batch_loss(per_example: torch.Tensor, B: int, batch_first: bool, reduction:
     return loss
 
 
-def _check_log(log, blocks: list[ParamBlock], strict: bool, batch_dim: int) -> None:
-    """Refuse a forward that changed a selected module's buffers (strict), or mixed batch sizes."""
+def _check_log(log, blocks: list[ParamBlock], strict: bool, batch_dim: int) -> int:
+    """The batch size the uses saw; refuse a forward that changed a selected module's buffers
+    (strict), or mixed batch sizes."""
     if strict and log.mutated_buffers:
         module, buffers = next(iter(log.mutated_buffers.items()))
         param = next(b.name for b in blocks if b.module is module)
@@ -196,6 +203,7 @@ def _check_log(log, blocks: list[ParamBlock], strict: bool, batch_dim: int) -> N
             "selected module must see the batch on that dimension; check batch_first, or select "
             "modules of one layout"
         )
+    return log.batch_sizes.pop()
 
 
 def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
@@ -290,18 +298,11 @@ class Featurizer:
                 chosen.draw_order, m, seed, backend, chosen.draw_owners, chosen.module_rules
             )
         self.op_rules = OpRules(lambda: self.rules)
-        self.blocks: list[ParamBlock] = []
-        start = 0
-        for p in chosen.params:
-            width = self.rules.width(p)
-            shape = tuple(p.shape) if self.rules.exact else (width,)
-            name, owner = chosen.names[p], chosen.owner[p][1]
-            self.blocks.append(ParamBlock(name, p, owner, slice(start, start + width), shape))
-            start += width
-        self.width = start
+        self.blocks = _blocks(self.rules, chosen)
+        self.width = self.blocks[-1].columns.stop if self.blocks else 0
         self._columns = {b.param: b.columns for b in self.blocks}
         for module in self._fallbacks:
-            self._serve_by_generic_rule(module, None)
+            _serve_by_generic_rule(self, module, None)
         return chosen
 
     def _seed_inputs(self, module, args, kwargs):
@@ -375,23 +376,12 @@ class Featurizer:
                 return out
             except ModuleFallback as fallback:
                 self._fallbacks.append(fallback.module)
-                self._serve_by_generic_rule(fallback.module, fallback)
+                _serve_by_generic_rule(self, fallback.module, fallback)
             except Found as found:
                 self.scope.found.add(found.param)
                 self._layout(
                     [b.param for b in self.blocks if b.param in self.scope.found] + [found.param]
                 )
-
-    def _serve_by_generic_rule(self, module: nn.Module, why: Exception) -> None:
-        """Serve ``module``'s selected parameters by the generic module-level rule from now on
-        (an operation in its forward hides the batch, so its uses are taken at the call)."""
-        if why is not None and module in self._module_params:
-            raise RuntimeError(str(why)) from why
-        params = [b.param for b in self.blocks if b.module is module]
-        self.rules.use_rule(module, GENERIC)
-        self._module_params[module] = params
-        self.scope.module_rule_owner.update(dict.fromkeys(params, module))
-        self.hooks.add_rule_module(module, keep_output=self.strict)
 
     def _compute(self, batch, loss_fn, per_step: bool, summed: bool, on_losses):
         # Every parameter frozen: backward computes activation grads only, no weight-grad matmul.
@@ -413,49 +403,20 @@ class Featurizer:
                 return _without_uses(
                     self, unused, batch, loss_fn, per_example, per_step, summed, on_losses
                 )
-            try:
-                plan = plan_steps(
-                    log,
-                    {key: self.scope.key_name(key) for key in log.entries},
-                    expected_steps=self.expected_steps,
-                    allow_mixed_steps=self.allow_mixed_steps,
-                )
-            except RuntimeError as err:
-                root = [b.name for b in self.blocks if b.module is self.model]
-                if root:
-                    why = "the root's one call spans every loop pass, so its use has no step"
-                    raise root_selection_error(self.model, root, why) from err
-                raise
-            self.step_plan = plan
-            _check_log(log, self.blocks, self.strict, bd)
-            B = log.batch_sizes.pop()
+            plan = self.step_plan = _plan(self, log)
+            B = _check_log(log, self.blocks, self.strict, bd)
             loss = _batch_loss(per_example, B, self.batch_first, self.loss_reduction)
             if on_losses is not None:
                 on_losses(per_example.detach().expand(B))
-            scalar_sum = per_example.dim() == 0 and self.loss_reduction == "sum"
-            if scalar_sum and not self._warned_scalar_sum:
-                self._warned_scalar_sum = True
-                warn_outside_package(SCALAR_SUM_LOSS, UserWarning)
-            # Per-step features, the step sum, or both (a set that is both train and query).
-            held = (plan.steps if per_step else 0) + (1 if summed else 0)
-            check_features_fit(**_feature_size(self), batch=B, steps=held)
-            zeros = partial(torch.zeros, dtype=torch.float32, device=self.device)
-            out = zeros(B, plan.steps, self.width) if per_step else None
-            out_sum = zeros(B, self.width) if summed else None
-            scale = float(B) if self.loss_reduction == "mean" else 1.0
-            # Rules with step sums hash each parameter once per pass instead of once per use;
-            # beside per-step features they sum into buffers of their own (``separate``).
-            step_sums = getattr(self.rules, "step_sums", None) if summed else None
-            sums = step_sums(separate=per_step) if step_sums is not None else None
-            self._pass = _Pass(plan, out, out_sum, scale, sums)
+            if per_example.dim() == 0 and self.loss_reduction == "sum":
+                _warn_scalar_sum(self)
+            state = self._pass = _new_pass(self, plan, B, per_step, summed)
             try:
                 loss.backward()
             finally:
                 self._pass = None
-            if sums is not None:
-                for p, feature in sums.sketches():
-                    out_sum[:, self._columns[p]] += feature
-        return out, out_sum, plan.steps
+            state.collect_sums(self._columns)
+        return state.out, state.out_sum, plan.steps
 
     def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
         if self._pass is not None:  # else a backward outside compute_batch: not ours
@@ -519,3 +480,67 @@ def _without_uses(f: Featurizer, unused, batch, loss_fn, per_example, per_step, 
     out = zeros(batch_size, steps, f.width) if per_step else None
     out_sum = zeros(batch_size, f.width) if summed else None
     return out, out_sum, steps
+
+
+def _blocks(rules, chosen: Selection) -> list[ParamBlock]:
+    """The column block of each chosen parameter, in order: ``numel`` (exact) or ``m`` wide."""
+    blocks, start = [], 0
+    for p in chosen.params:
+        width = rules.width(p)
+        shape = tuple(p.shape) if rules.exact else (width,)
+        name, owner = chosen.names[p], chosen.owner[p][1]
+        blocks.append(ParamBlock(name, p, owner, slice(start, start + width), shape))
+        start += width
+    return blocks
+
+
+def _serve_by_generic_rule(f: Featurizer, module: nn.Module, why: Exception | None) -> None:
+    """Serve ``module``'s selected parameters by the generic module-level rule from now on
+    (an operation in its forward hides the batch, so its uses are taken at the call)."""
+    if why is not None and module in f._module_params:
+        raise RuntimeError(str(why)) from why
+    params = [b.param for b in f.blocks if b.module is module]
+    f.rules.use_rule(module, GENERIC)
+    f._module_params[module] = params
+    f.scope.module_rule_owner.update(dict.fromkeys(params, module))
+    f.hooks.add_rule_module(module, keep_output=f.strict)
+
+
+def _plan(f: Featurizer, log) -> StepPlan:
+    """The step plan of this forward pass; a root selection without steps is named."""
+    try:
+        return plan_steps(
+            log,
+            {key: f.scope.key_name(key) for key in log.entries},
+            expected_steps=f.expected_steps,
+            allow_mixed_steps=f.allow_mixed_steps,
+        )
+    except RuntimeError as err:
+        root = [b.name for b in f.blocks if b.module is f.model]
+        if root:
+            why = "the root's one call spans every loop pass, so its use has no step"
+            raise root_selection_error(f.model, root, why) from err
+        raise
+
+
+def _new_pass(f: Featurizer, plan: StepPlan, B: int, per_step: bool, summed: bool) -> _Pass:
+    """The state of one backward: per-step features ``(B, steps, D)``, the step sum ``(B, D)``, or
+    both (a set that is both train and query), checked to fit before they are allocated."""
+    held = (plan.steps if per_step else 0) + (1 if summed else 0)
+    check_features_fit(**_feature_size(f), batch=B, steps=held)
+    zeros = partial(torch.zeros, dtype=torch.float32, device=f.device)
+    out = zeros(B, plan.steps, f.width) if per_step else None
+    out_sum = zeros(B, f.width) if summed else None
+    scale = float(B) if f.loss_reduction == "mean" else 1.0
+    # Rules with step sums hash each parameter once per pass instead of once per use; beside
+    # per-step features they sum into gradient buffers of their own (``separate``).
+    step_sums = getattr(f.rules, "step_sums", None) if summed else None
+    sums = step_sums(separate=per_step) if step_sums is not None else None
+    return _Pass(plan, out, out_sum, scale, sums)
+
+
+def _warn_scalar_sum(f: Featurizer) -> None:
+    """A scalar loss with ``loss_reduction="sum"``: say so once per public call."""
+    if not f._warned_scalar_sum:
+        f._warned_scalar_sum = True
+        warn_outside_package(SCALAR_SUM_LOSS, UserWarning)

@@ -557,9 +557,12 @@ def test_loss_refusals_name_the_fix(model, train_batches, loss_fn, fix):
         _est(model).featurize_loader(loader=train_batches, loss_fn=loss_fn)
 
 
-def test_selection_without_trainable_parameters_names_the_fix(model):
+def test_selection_without_trainable_parameters_names_the_fix(model, query_batches):
+    # A selection owning no trainable parameter is legal until a forward shows that no operation
+    # inside its calls computed with one either (parameters may be passed in: banks).
+    est = _est(_frozen_core(model))
     with pytest.raises(ValueError, match="requires_grad=True"):
-        _est(_frozen_core(model))
+        est.featurize_loader(loader=query_batches, loss_fn=next_token_loss)
 
 
 def test_query_batches_with_other_step_counts_name_tracin(tmp_path, model, query_batches):
