@@ -118,6 +118,34 @@ def test_both_layouts_of_one_backward_equal_their_own_featurisations(linear_path
     est.close()
 
 
+@pytest.mark.parametrize("model_name", ["casted GPT", "bank U-Net"])
+def test_both_layouts_equal_their_own_featurisations_for_uses_captured_at_the_operation(
+    model_name, linear_path
+):
+    """The same for uses captured at the operation (CastedLinear's ``F.linear``, bank slices,
+    per-block vectors): their rules run once per layout too, with separate step-sum buffers."""
+    import capture_models as cm
+
+    torch.manual_seed(5)
+    if model_name == "casted GPT":
+        model = cm.LoopedGPT(casted=True)
+        targets = [model.core]
+    else:
+        model = cm.BankUNetGPT()
+        targets = [model.blocks[i] for i in model.band]
+    est = ProjectedTracInSDI(model=model.eval(), target_modules=targets, projection_size=24, seed=1)
+    featurizer = est._featurizer
+    batch = cm.token_batches(4, 4, seed=7)[0]
+    for _ in range(2):  # the second time every gradient buffer is reused
+        per_step, summed, steps = featurizer.compute_batch_both(batch, cm.lm_loss)
+        alone_per_step, _ = featurizer.compute_batch(batch, cm.lm_loss)
+        alone_summed, _ = featurizer.compute_batch(batch, cm.lm_loss, sum_steps=True)
+        assert steps == 3 and per_step.abs().sum() > 0
+        assert torch.equal(per_step, alone_per_step)
+        assert torch.equal(summed, alone_summed)
+    est.close()
+
+
 def test_a_store_keeps_its_own_train_features(tmp_path):
     """With ``train_store`` the train side comes from the store (written, then read): no reuse,
     same outputs."""
