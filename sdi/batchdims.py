@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .derived import RESHAPES
+
 # Property getters arrive as fresh method-wrappers: compared with ==, not `is`.
 _T = torch.Tensor.T.__get__
 _MT = torch.Tensor.mT.__get__
@@ -53,21 +55,8 @@ _ALONG = {
     "std_mean",
     "var_mean",
 }
-_RESHAPES = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "view_as",
-    "reshape_as",
-    "expand_as",
-    "broadcast_to",
-    "squeeze_",
-    "unsqueeze_",
-}
+# Reshapes, broadcasts and their in-place forms: the batch dimension is followed by its size.
+_RESHAPES = RESHAPES | {"expand", "expand_as", "broadcast_to", "squeeze_", "unsqueeze_"}
 
 
 def _norm(dim: int, ndim: int) -> int:

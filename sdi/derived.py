@@ -48,16 +48,10 @@ _CASTS = {
     "clone",
     "detach",
 }
-_RESHAPES = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "view_as",
-    "reshape_as",
-}
+# Same elements in the same order, another shape: a gradient maps back through them by a reshape.
+RESHAPES = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ class Derived:
         if self.combine is not None:
             return False
         for step in self.steps:
-            if step.name in _CASTS or step.name in _RESHAPES or step.func == _DATA:
+            if step.name in _CASTS or step.name in RESHAPES or step.func == _DATA:
                 continue
             if step.name == "__getitem__" and _trivial_index(step.args[1]):
                 continue
