@@ -8,13 +8,16 @@ happens to equal the batch size:
 - transposes, permutes and moves map the dimension exactly;
 - views and reshapes keep it where the product of the sizes in front of it is kept (a reshape that
   merges the batch with another dimension loses it);
-- ``stack`` / ``cat`` / ``einsum`` / ``__getitem__`` shift it by what they insert in front;
+- ``stack`` / ``cat`` / ``einsum`` / ``__getitem__`` shift it by what they insert in front, and
+  ``unbind`` / ``select`` / reductions along ``dim`` by the dimensions they remove;
 - any other operation keeps it in place, counted from the left (``linear``, elementwise ops,
   reductions over later dimensions, ...), or from the right where a broadcast added leading
   dimensions -- checked against the input's own batch size.
 
 Where none of this establishes the dimension, it is *unknown* (``None``): a parameter use that
-needs it is then an error naming the operation (:mod:`sdi.capture`), never a guess.
+needs it is then an error naming the operation (:mod:`sdi.capture`), never a guess. An operation
+that mixes the examples (batch statistics) keeps their rows, and :func:`couples` says it mixed
+them.
 """
 
 from __future__ import annotations
@@ -82,11 +85,11 @@ def _after_reshape(shape_in, bd: int, shape_out) -> int | None:
     return None
 
 
-def _after_index(index, ndim: int, bd: int) -> int | None:
+def _after_index(index, ndim: int, bd: int, B: int) -> int | None:
     """Where dimension ``bd`` lands after ``x[index]`` (basic indexing), ``None`` if it is indexed."""
     items = index if isinstance(index, tuple) else (index,)
     if any(torch.is_tensor(i) or isinstance(i, list) for i in items):
-        return None  # advanced indexing moves dimensions around: not followed
+        return _after_gather(items, ndim, bd, B)
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     out_dim, in_dim = 0, 0
     for item in items:
@@ -106,6 +109,38 @@ def _after_index(index, ndim: int, bd: int) -> int | None:
                 return None
             in_dim += 1
     return out_dim + bd - in_dim
+
+
+def _after_gather(items: tuple, ndim: int, bd: int, B: int) -> int | None:
+    """Where dimension ``bd`` lands after ``x[items]`` with index tensors (advanced indexing), for
+    slices and integer tensors only; at an indexed batch, only where its index runs over the
+    examples in order along one dimension -- as in HF's padding masks,
+    ``mask[arange(B)[:, None, None, None], kv[None, None, None, :]]``, or ``x[arange(B), last]``."""
+    if len(items) > ndim or not all(isinstance(i, slice) or torch.is_tensor(i) for i in items):
+        return None
+    items = items + (slice(None),) * (ndim - len(items))
+    tensors = [j for j, i in enumerate(items) if torch.is_tensor(i)]
+    if any(items[j].dtype in (torch.bool, torch.uint8) for j in tensors):
+        return None  # a mask selects a data-dependent number of rows
+    shape = torch.broadcast_shapes(*(items[j].shape for j in tensors))
+    adjacent = tensors == list(range(tensors[0], tensors[-1] + 1))
+    start = tensors[0] if adjacent else 0  # where the indexed block lands (numpy's rule)
+    if bd not in tensors:
+        if items[bd] != slice(None):
+            return None
+        if adjacent and bd < start:
+            return bd
+        return sum(1 for j in range(bd) if j not in tensors) + len(shape)
+    index = items[bd]
+    varying = [k for k, n in enumerate(index.shape) if n > 1]
+    if B == 1 and index.dim() > 0:  # a batch of one: its index's first dimension
+        varying = [0]
+    k = len(shape) - index.dim() + varying[0] if len(varying) == 1 else None
+    if k is None or index.numel() != B or shape[k] != B:
+        return None
+    if not torch.equal(index.reshape(-1), torch.arange(B, device=index.device)):
+        return None
+    return start + k
 
 
 def _einsum(args, dims: list[int | None]) -> int | None:
@@ -139,15 +174,22 @@ def _couples(name: str, args, kwargs, nd: int, bd: int) -> bool:
     return any(isinstance(d, int) and _norm(d, nd) == bd for d in dims)
 
 
+def couples(func, args, kwargs, first: torch.Tensor, bd: int) -> bool:
+    """Whether ``func`` mixes the examples of its per-example input ``first`` (batch on ``bd``):
+    reduces or normalises along the batch, or normalises with batch statistics. Its outputs are
+    then *coupled* (:mod:`sdi.capture`)."""
+    return _couples(getattr(func, "__name__", ""), args, kwargs, first.dim(), bd)
+
+
 def output_dim(func, args, kwargs, first: torch.Tensor, bd: int, out: torch.Tensor, B: int):
     """The batch dimension of ``out``, an output of ``func`` whose per-example input ``first``
-    (the first one among the arguments) has its batch of ``B`` on ``bd``; ``None`` if unknown --
-    also where the operation mixes the examples (a softmax, sum or batch norm along the batch):
-    no per-example structure is left."""
+    (the first one among the arguments) has its batch of ``B`` on ``bd``; ``None`` if unknown
+    (or reduced away). An operation mixing the examples keeps their rows where they are; that it
+    mixes them is :func:`couples`'s to say."""
     name = getattr(func, "__name__", "")
     nd = first.dim()
-    if _couples(name, args, kwargs, nd, bd):
-        return None
+    if name in _ALONG and out.dim() == nd and _couples(name, args, kwargs, nd, bd):
+        return bd  # along the batch, its dimension kept (softmax, keepdim): coupled, see couples
     if name in _TRANSPOSES:
         d0, d1 = (_norm(int(d), nd) for d in (args[1], args[2]))
         return d1 if bd == d0 else d0 if bd == d1 else bd
@@ -173,7 +215,7 @@ def output_dim(func, args, kwargs, first: torch.Tensor, bd: int, out: torch.Tens
     if name in _RESHAPES:
         return _after_reshape(tuple(first.shape), bd, tuple(out.shape))
     if name == "__getitem__":
-        return _after_index(args[1], nd, bd)
+        return _after_index(args[1], nd, bd, B)
     if name == "stack":
         dim = _norm(int(_arg(args, kwargs, 1, "dim", 0)), nd + 1)
         return bd + 1 if dim <= bd else bd
@@ -182,7 +224,25 @@ def output_dim(func, args, kwargs, first: torch.Tensor, bd: int, out: torch.Tens
         return None if dim == bd else bd
     if name == "einsum":
         return None  # resolved by the caller, which sees every operand's dimension
+    removed = _removed(name, args, kwargs, nd) if out.dim() < nd else None
+    if removed is not None and len(removed) == nd - out.dim():
+        return None if bd in removed else bd - sum(d < bd for d in removed)
     return _aligned(first, bd, out, B)
+
+
+def _removed(name: str, args, kwargs, nd: int) -> list[int] | None:
+    """The dimensions ``unbind`` / ``select`` / a reduction along ``dim`` removes (``None``: not
+    one of those, or not known): a dimension removed in front of the batch moves it."""
+    if name in ("unbind", "select"):
+        dim = _arg(args, kwargs, 1, "dim", 0)
+    elif name in _ALONG or name in ("argmax", "argmin", "any", "all", "count_nonzero"):
+        dim = _arg(args, kwargs, 1, "dim")
+    else:
+        return None
+    dims = [dim] if isinstance(dim, int) else dim
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return sorted({_norm(d, nd) for d in dims})
 
 
 def _aligned(first: torch.Tensor, bd: int, out: torch.Tensor, B: int) -> int | None:

@@ -31,10 +31,13 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .batchdims import einsum_dim, output_dim
+from .batchdims import couples, einsum_dim, output_dim
 from .derived import GETTERS, Derived, Step, template
 
-_TAG = "_sdi_batch"  # attribute of a per-example tensor: (capture token, batch dim or None)
+# Attribute of a per-example tensor: (capture token, batch dim or None, coupled), coupled when
+# computed with batch statistics (a batch norm in training, a mean over the batch): its row of one
+# example depends on the other examples.
+_TAG = "_sdi_batch"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -59,8 +62,11 @@ class Batched:
 class OpUse:
     """One use: ``func(*args, **kwargs)`` with :class:`Operand` / :class:`Batched` leaves.
 
-    ``params``: the parameters whose per-example gradients it gives; ``slots[p] = (key, entry)``
-    place it on the timeline (:mod:`sdi.steps`); ``out_dim``: the batch dim of its first output.
+    ``func`` is a torch function, or a module whose call a module-level rule serves (its own
+    parameters are then implicit: ``params`` are some of them). ``params``: the parameters whose
+    per-example gradients it gives; ``slots[p] = (key, entry)`` place it on the timeline
+    (:mod:`sdi.steps`); ``out_dim``: the batch dim of its first output; ``output``: a copy of
+    that output, kept for rules that check a recompute against it.
     """
 
     func: Callable
@@ -69,12 +75,28 @@ class OpUse:
     params: tuple[nn.Parameter, ...]
     out_dim: int
     slots: dict = field(default_factory=dict)
+    output: torch.Tensor | None = None
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The module, when this use is a call served by a module-level rule."""
+        return self.func if isinstance(self.func, nn.Module) else None
 
     @property
     def name(self) -> str:
+        if self.module is not None:
+            return type(self.func).__name__
         return getattr(self.func, "__qualname__", None) or getattr(self.func, "__name__", "op")
 
-    batched: list = field(default_factory=list)  # its Batched arguments
+    @property
+    def batched(self) -> list[Batched]:
+        """Its per-example arguments."""
+        return [
+            y
+            for x in (*self.args, *self.kwargs.values())
+            for y in (x if isinstance(x, (list, tuple)) else (x,))
+            if isinstance(y, Batched)
+        ]
 
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""
@@ -91,7 +113,7 @@ def tag(x, token: object, dim: int | None) -> int:
     """Mark every tensor in ``x`` as per-example with its batch on ``dim``; how many."""
     tensors = [t for t in tree_flatten(x)[0] if torch.is_tensor(t)]
     for t in tensors:
-        setattr(t, _TAG, (token, dim))
+        setattr(t, _TAG, (token, dim, False))
     return len(tensors)
 
 
@@ -146,6 +168,11 @@ class Scope:
         """A use of ``params`` whose per-example structure is not known: raises."""
         raise RuntimeError(message)
 
+    def coupled(self, params, message: str) -> None:
+        """A use of ``params`` on a tensor computed with batch statistics: raises where that is
+        refused (strict mode)."""
+        raise RuntimeError(message)
+
     def record(self, use: OpUse, out: torch.Tensor, keys: dict) -> torch.Tensor:
         """Place ``use`` on the timeline and watch its grad; returns the output to hand on."""
         return out
@@ -163,6 +190,42 @@ class CaptureMode(TorchFunctionMode):
     def seed(self, x, dim: int) -> int:
         """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many."""
         return tag(x, self.token, dim)
+
+    def batch_dim(self, t: torch.Tensor) -> int | None:
+        """The batch dimension of ``t`` by data flow (``None``: unknown, or not per-example)."""
+        mark = getattr(t, _TAG, None)
+        return mark[1] if mark is not None and mark[0] is self.token else None
+
+    def module_use(
+        self, module: nn.Module, params, args: tuple, kwargs: dict, out_dim: int, batch: int
+    ) -> OpUse:
+        """A call of ``module`` served by a module-level rule, as an :class:`OpUse` of the module;
+        its first output has ``batch`` examples on ``out_dim`` (the featuriser's declared layout).
+
+        Which arguments are per-example is known from the data flow, as for operations. A
+        per-example argument whose batch dimension the data flow lost (downstream of an MoE's
+        token routing: ``x.reshape(-1, d)``, gathers by routed rows, ``index_add``) is taken on
+        the declared dimension where it has ``batch`` rows there -- the contract every module
+        call is held to, and strict mode checks the rule's recompute against the forward --
+        and refused by name otherwise.
+        """
+
+        def record(x):
+            if not torch.is_tensor(x):
+                return x
+            mark = getattr(x, _TAG, None)
+            if mark is None or mark[0] is not self.token:
+                return x.detach()
+            dim = mark[1]
+            if dim is None and x.dim() > out_dim and x.shape[out_dim] == batch:
+                dim = out_dim
+            if dim is None:
+                self.scope.unknown(params, _unknown(module, params, x, self.scope))
+            return Batched(x.detach(), dim, x._version)
+
+        rec_args = tuple(tree_map(record, a) for a in args)
+        rec_kwargs = {k: tree_map(record, v) for k, v in kwargs.items()}
+        return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim)
 
     def _lookup(self, t: torch.Tensor):
         hit = self._derived.get(id(t))
@@ -217,6 +280,7 @@ class CaptureMode(TorchFunctionMode):
             outs = [o for o in out if isinstance(o, torch.Tensor)]
         if not outs:
             return None
+        coupled = any(getattr(t, _TAG)[2] for t, _ in batched)
         if dim is None or any(d is None for _, d in batched):
             found = None
         elif getattr(func, "__name__", "") == "einsum":
@@ -227,9 +291,10 @@ class CaptureMode(TorchFunctionMode):
             found = einsum_dim(args, [by_id.get(id(o)) for o in operands])
         else:
             found = output_dim(func, args, kwargs, first, dim, outs[0], int(first.shape[dim]))
+            coupled = coupled or couples(func, args, kwargs, first, dim)
         for o in outs:
             if o is not first or found is not None:
-                setattr(o, _TAG, (self.token, found))
+                setattr(o, _TAG, (self.token, found, coupled))
         return found
 
     def _derive(self, func, args, kwargs, tracked):
@@ -271,10 +336,19 @@ class CaptureMode(TorchFunctionMode):
         if not params or not torch.is_grad_enabled():
             out = func(*args, **kwargs)
             self._tag_outputs(func, args, kwargs, batched, out)
-            return out
+            if not torch.is_grad_enabled() or _inplace(func) or not _fresh_float(out):
+                return out
+            # A frozen parameter's use counted nowhere (an unselected embedding): its output
+            # starts the activation graph here, in the forward and in a checkpoint's recompute.
+            leaf = out.detach().requires_grad_(True).clone()
+            if hasattr(out, _TAG):
+                setattr(leaf, _TAG, getattr(out, _TAG))
+            return leaf
         for t, dim in batched:
             if dim is None:
                 self.scope.unknown(params, _unknown(func, params, t, self.scope))
+        if any(getattr(t, _TAG)[2] for t, _ in batched):
+            self.scope.coupled(params, _coupled(func, params, self.scope))
         ids = {id(t): d for t, d in tracked}
         dims = {id(t): d for t, d in batched}
         mutated = args[0] if _inplace(func) and args and id(args[0]) in dims else None
@@ -301,12 +375,6 @@ class CaptureMode(TorchFunctionMode):
         if out_dim is None:
             self.scope.unknown(params, _unknown(func, params, first, self.scope, output=True))
         use = OpUse(func, rec_args, rec_kwargs, tuple(params), out_dim)
-        use.batched = [
-            y
-            for x in (*rec_args, *rec_kwargs.values())
-            for y in (x if isinstance(x, (list, tuple)) else (x,))
-            if isinstance(y, Batched)
-        ]
         keys = {p: _key(p, tracked, self.scope) for p in params}
         out = self.scope.watch_others(_op_name(func), out, first)
         replaced = self.scope.record(use, first, keys)
@@ -318,6 +386,16 @@ class CaptureMode(TorchFunctionMode):
         items, spec = tree_flatten(out)
         items[next(i for i, o in enumerate(items) if o is first)] = replaced
         return tree_unflatten(items, spec)
+
+
+def _fresh_float(out) -> bool:
+    """A floating-point tensor that needs no grad and is no view (so it has no alias to keep)."""
+    return (
+        isinstance(out, torch.Tensor)
+        and out.dtype in _FLOAT
+        and not out.requires_grad
+        and not out._is_view()
+    )
 
 
 def _map1(fn, x):
@@ -364,7 +442,18 @@ def _key(p: nn.Parameter, tracked, scope: Scope):
 
 
 def _op_name(func) -> str:
+    if isinstance(func, nn.Module):
+        return type(func).__name__
     return getattr(func, "__name__", None) or str(func)
+
+
+def _coupled(func, params, scope) -> str:
+    return (
+        f"{_op_name(func)} uses {scope.names(params)} on a tensor computed with batch statistics "
+        "(a batch norm in training mode, a mean or softmax over the batch): one example's result "
+        "depends on the other examples, so its per-example gradient is not defined in strict mode "
+        "(call model.eval(), or pass strict=False to take the batch's values as given)"
+    )
 
 
 def _unknown(func, params, t, scope, output: bool = False) -> str:

@@ -290,16 +290,7 @@ class Sharding:
                 merged[key] = torch.cat([p[: m["rows"]] for p, m in zip(parts, meta, strict=True)])
         if not merged:
             return None
-        out = {}
-        for side, largest in (("most", True), ("least", False)):
-            values = merged[f"{side}_tracin"]  # (candidates, N_query)
-            best = values.topk(k, dim=0, largest=largest).indices  # (k, N_query)
-            sdi = merged[f"{side}_sdi"]
-            out[f"{side}_indices"] = merged[f"{side}_indices"].gather(0, best).T
-            out[f"{side}_tracin"] = values.gather(0, best).T
-            out[f"{side}_sdi"] = sdi.gather(0, best[..., None].expand(-1, -1, sdi.shape[2]))
-            out[f"{side}_sdi"] = out[f"{side}_sdi"].transpose(0, 1)
-        return {key: value.to(self.device) for key, value in out.items()}
+        return {key: value.to(self.device) for key, value in _best_of(merged, k).items()}
 
     def _share(self, rows: dict[str, torch.Tensor], counts: Sequence[int]):
         """Exchange row counts and shapes (raising if any rank failed); place every rank's rows.
@@ -330,28 +321,10 @@ class Sharding:
                         )
                     )
         try:
-            ids = self._row_ids([m["counts"] for m in meta])
+            ids = _row_ids([m["counts"] for m in meta], self.world, self.name)
         except ValueError as err:  # from what every rank received: raised on every rank
             raise _known_to_all(err) from None
         return meta, dict(sorted(shapes.items())), ids
-
-    def _row_ids(self, counts: list[list[int]]) -> list[torch.Tensor]:
-        """Per rank, the train-loader row of each of its rows, from every rank's batch sizes."""
-        n_batches = sum(len(c) for c in counts)
-        owned = [len(range(r, n_batches, self.world)) for r in range(self.world)]
-        if [len(c) for c in counts] != owned:
-            raise ValueError(
-                f"ranks featurised {[len(c) for c in counts]} batches of {self.name}, but batch i "
-                f"belongs to rank i % {self.world}: every rank must iterate the same {self.name}"
-            )
-        ids: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
-        start = 0
-        for b in range(n_batches):
-            n = counts[b % self.world][b // self.world]
-            ids[b % self.world].append(torch.arange(start, start + n))
-            start += n
-        _require_rows(start, self.name)
-        return [torch.cat(i) if i else torch.zeros(0, dtype=torch.int64) for i in ids]
 
     def _local(self, rows: dict[str, torch.Tensor], key: str, shapes) -> torch.Tensor:
         """This rank's rows of ``key``; zero rows of the agreed shape if it computed none."""
@@ -376,6 +349,40 @@ class Sharding:
 
     def _all_gather_object(self, obj: Any) -> list[Any]:
         return _all_gather_object(obj, self.world, self.comm)
+
+
+def _best_of(merged: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The ``k`` best of every rank's candidates ``(candidates, N_query, ...)`` per query, as
+    :meth:`Sharding.merge_top` returns them."""
+    out = {}
+    for side, largest in (("most", True), ("least", False)):
+        values = merged[f"{side}_tracin"]  # (candidates, N_query)
+        best = values.topk(k, dim=0, largest=largest).indices  # (k, N_query)
+        sdi = merged[f"{side}_sdi"]
+        out[f"{side}_indices"] = merged[f"{side}_indices"].gather(0, best).T
+        out[f"{side}_tracin"] = values.gather(0, best).T
+        out[f"{side}_sdi"] = sdi.gather(0, best[..., None].expand(-1, -1, sdi.shape[2]))
+        out[f"{side}_sdi"] = out[f"{side}_sdi"].transpose(0, 1)
+    return out
+
+
+def _row_ids(counts: list[list[int]], world: int, name: str) -> list[torch.Tensor]:
+    """Per rank, the train-loader row of each of its rows, from every rank's batch sizes."""
+    n_batches = sum(len(c) for c in counts)
+    owned = [len(range(r, n_batches, world)) for r in range(world)]
+    if [len(c) for c in counts] != owned:
+        raise ValueError(
+            f"ranks featurised {[len(c) for c in counts]} batches of {name}, but batch i "
+            f"belongs to rank i % {world}: every rank must iterate the same {name}"
+        )
+    ids: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    start = 0
+    for b in range(n_batches):
+        n = counts[b % world][b // world]
+        ids[b % world].append(torch.arange(start, start + n))
+        start += n
+    _require_rows(start, name)
+    return [torch.cat(i) if i else torch.zeros(0, dtype=torch.int64) for i in ids]
 
 
 class LocalSharding:

@@ -44,10 +44,10 @@ from .parameter_groups import parameter_groups
 
 
 class _MaskedRules:
-    """The featurizer's rules, shown the grad-output masked to one position (``position=None``:
-    unmasked), recording the position lengths they see."""
+    """The featurizer's rules, shown every use's grad-output masked to one position
+    (``position=None``: unmasked), recording the position lengths they see."""
 
-    step_sums = None  # no per-pass accumulator: every use goes through ``features``
+    step_sums = None  # no per-pass accumulator: every use's own features are masked
 
     def __init__(self, rules, position: int | None):
         self._rules, self.position, self.lengths = rules, position, set()
@@ -55,20 +55,15 @@ class _MaskedRules:
     def __getattr__(self, name: str):
         return getattr(self._rules, name)
 
-    def features(self, module, params, activations, g, call=None, batch_dim=0):
+    def shown_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` (batch first, positions next) masked to the position."""
         if g.dim() < 2:
             raise ValueError(
-                f"{type(module).__name__}'s output has no position dimension (shape "
-                f"{tuple(g.shape)}): explain splits grad-outputs (batch, position, ...); select "
-                "modules with a position dimension, or use by_parameter= of "
-                "influence_across_checkpoints for the split by weights alone"
+                f"a selected use's output has no position dimension (grad shape {tuple(g.shape)}): "
+                "explain splits grad-outputs (batch, position, ...); select modules with a "
+                "position dimension, or use by_parameter= of influence_across_checkpoints for "
+                "the split by weights alone"
             )
-        return self._rules.features(
-            module, params, activations, self.shown_grad(g), call, batch_dim
-        )
-
-    def shown_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """``g`` (batch first, positions next) masked to the position; also for captured uses."""
         self.lengths.add(g.shape[1])
         if self.position is None:
             return g

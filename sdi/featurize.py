@@ -1,9 +1,10 @@
 """Per-example, per-step features of the selected parameters, computed during one backward pass.
 
 One path: capture -> use -> rule -> feature. The :class:`Featurizer` runs the forward under the
-operation-level capture (:mod:`sdi.capture`, :mod:`sdi.uses`) and the module hooks
-(:mod:`sdi.hooks`, for modules served by a module-level rule), sends each use's grad-output to its
-rule (:mod:`sdi.rules`) and owns the layout of the feature tensor: every selected parameter owns a block of columns, so a batch's
+operation-level capture (:mod:`sdi.capture`, :mod:`sdi.uses`; the calls of modules served by a
+module-level rule are uses too, :mod:`sdi.hooks`), sends each use's grad-output to its rule
+(:mod:`sdi.rules.ops`) and owns the layout of the feature tensor: every selected parameter owns a
+block of columns, so a batch's
 features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``, summed over steps in place, when
 only the full gradient is needed (TracIn, and the train side of SDI).
 
@@ -30,7 +31,7 @@ from .diagnose import (
     unused_error,
 )
 from .freezing import requires_grad_set
-from .hooks import Call, HookManager
+from .hooks import HookManager
 from .outputs import FeatureSet
 from .rules import GENERIC, ExactRules, SketchRules
 from .rules.ops import OpRules
@@ -83,33 +84,8 @@ class _Pass:
             self.out_sum[:, columns] += feature
 
     @torch.no_grad()
-    def module_grad(self, f: Featurizer, module: nn.Module, use: int, call, grad) -> None:
-        """A use of a module served by a module-level rule."""
-        if self.scale != 1.0:  # undo the mean over the batch: features are per-example gradients
-            grad = grad * self.scale
-        activations = call.tensors
-        if not f.batch_first:
-            grad = grad.movedim(1, 0)
-            activations = [a.movedim(1, 0) if a.dim() > 1 else a for a in activations]
-        params = f._module_params[module]
-        batch_dim = 0 if f.batch_first else 1
-        try:
-            with f.hooks.paused():  # a rule may re-run the module's forward
-                if self.sums is not None:
-                    self.sums.add(module, params, activations, grad, call, batch_dim)
-                if not self.per_use:
-                    return
-                features = f.rules.features(module, params, activations, grad, call, batch_dim)
-        except RuntimeError as err:  # name the culprit: the rules know the module, not its name
-            names = [b.name for b in f.blocks if b.module is module]
-            raise RuntimeError(f"parameters {names} ({type(module).__name__}): {err}") from err
-        slot = self.plan.slots[module][use]
-        for p, feature in zip(params, features, strict=True):
-            self._add(f._columns[p], slot, feature)
-
-    @torch.no_grad()
     def op_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
-        """A use captured at the operation (:mod:`sdi.capture`)."""
+        """One use (:mod:`sdi.capture`): an operation, or a call of a module-level rule's module."""
         use.check_unchanged()
         if self.scale != 1.0:
             grad = grad * self.scale
@@ -118,13 +94,15 @@ class _Pass:
         if shown is not None:
             grad = shown(grad)
         try:
-            if self.sums is not None:  # what the sums do not hold goes to the sum directly
-                for p, feature in f.op_rules.features(use, grad, self.sums).items():
-                    self.out_sum[:, f._columns[p]] += feature
-            features = f.op_rules.features(use, grad) if self.per_use else {}
+            with f.hooks.paused():  # a rule may re-run a module's forward
+                if self.sums is not None:  # what the sums do not hold goes to the sum directly
+                    for p, feature in f.op_rules.features(use, grad, self.sums).items():
+                        self.out_sum[:, f._columns[p]] += feature
+                features = f.op_rules.features(use, grad) if self.per_use else {}
         except RuntimeError as err:
             names = f.scope.names(use.params)
-            raise RuntimeError(f"parameters {names} (used by {use.name}): {err}") from err
+            what = use.name if use.module is not None else f"used by {use.name}"
+            raise RuntimeError(f"parameters {names} ({what}): {err}") from err
         for p, feature in features.items():
             key, entry = use.slots[p]
             self._add(f._columns[p], self.plan.slots[key][entry], feature)
@@ -213,13 +191,16 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
     every_owner = [owner[p][1] for p in chosen.params]
     hooks = HookManager(
         list(f._module_params),
-        f._on_grad,
+        f._on_op_grad,
+        f._module_use,
         batch_dim=0 if f.batch_first else 1,
         # they time the passes, and group a module's operations into one use
         span_modules=[*op_owners, *chosen.targets, *enclosing(f.model, every_owner)],
         keep_output=[m for m, r in chosen.module_rules.items() if f.strict and r.keeps_output],
         owners=every_owner,
         root=f.model,
+        declared=chosen.targets,
+        check_output=f._check_output,
     )
     scope = ParamScope(
         names=chosen.names,
@@ -229,6 +210,7 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
         targets=set(chosen.targets),
         hooks=hooks,
         on_grad=f._on_op_grad,
+        strict=f.strict,
     )
     return hooks, scope
 
@@ -285,6 +267,9 @@ class Featurizer:
         self._seed_handle = model.register_forward_pre_hook(self._seed_inputs, with_kwargs=True)
         self._mode: CaptureMode | None = None
         self._seed_model_args = False
+        # The batch's tensors' batch dimension: the activations' (batch_first) until a selected
+        # module's output shows that the loader's layout is the other one (SeedLayout).
+        self._seed_dim = 0 if self.batch_first else 1
 
     def _layout(self, found: list) -> Selection:
         """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
@@ -310,8 +295,14 @@ class Featurizer:
         tensor arguments are the per-example seeds instead. Otherwise the data flow from the
         batch's tensors decides (a shared table passed to the model is not per-example)."""
         if self._mode is not None and self._seed_model_args:
-            self._mode.seed((args, kwargs), 0 if self.batch_first else 1)
+            self._mode.seed((args, kwargs), self._seed_dim)
         return None
+
+    def _check_output(self, module: nn.Module, out: torch.Tensor) -> None:
+        """A selected module's output must have the batch on the declared dimension."""
+        dim = self._mode.batch_dim(out) if self._mode is not None else None
+        if dim is not None and dim != (0 if self.batch_first else 1):
+            raise SeedLayout(module, dim)
 
     @property
     def closed(self) -> bool:
@@ -369,11 +360,14 @@ class Featurizer:
         to ``not per_step``. Re-runs the batch when the capture finds a parameter to add."""
         self.check_open()
         summed = not per_step if summed is None else summed
-        while True:  # at most twice per parameter of the model
+        flipped = False
+        while True:  # at most twice per parameter of the model, and once for the seeds' layout
             try:
                 out = self._compute(batch, loss_fn, per_step, summed, on_losses)
                 self.scope.frozen_layout = True
                 return out
+            except SeedLayout as layout:
+                flipped = _flip_seeds(self, layout, flipped)
             except ModuleFallback as fallback:
                 self._fallbacks.append(fallback.module)
                 _serve_by_generic_rule(self, fallback.module, fallback)
@@ -392,7 +386,7 @@ class Featurizer:
             with CaptureMode(self.scope) as mode:
                 self._mode = mode
                 try:
-                    self._seed_model_args = mode.seed(batch, bd) == 0
+                    self._seed_model_args = mode.seed(batch, self._seed_dim) == 0
                     per_example = _check_loss(loss_fn(self.model, batch))
                 finally:
                     self._mode = None
@@ -412,18 +406,19 @@ class Featurizer:
                 _warn_scalar_sum(self)
             state = self._pass = _new_pass(self, plan, B, per_step, summed)
             try:
-                loss.backward()
+                with self.hooks.paused():  # a recompute in backward (checkpointing) is no use
+                    loss.backward()
             finally:
                 self._pass = None
             state.collect_sums(self._columns)
         return state.out, state.out_sum, plan.steps
 
-    def _on_grad(self, module: nn.Module, use: int, call: Call, grad: torch.Tensor) -> None:
-        if self._pass is not None:  # else a backward outside compute_batch: not ours
-            self._pass.module_grad(self, module, use, call, grad)
+    def _module_use(self, module: nn.Module, args, kwargs, batch_dim: int, batch: int) -> OpUse:
+        params = self._module_params[module]
+        return self._mode.module_use(module, params, args, kwargs, batch_dim, batch)
 
     def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
-        if self._pass is not None:
+        if self._pass is not None:  # else a backward outside compute_batch: not ours
             self._pass.op_grad(self, use, grad)
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
@@ -537,6 +532,33 @@ def _new_pass(f: Featurizer, plan: StepPlan, B: int, per_step: bool, summed: boo
     step_sums = getattr(f.rules, "step_sums", None) if summed else None
     sums = step_sums(separate=per_step) if step_sums is not None else None
     return _Pass(plan, out, out_sum, scale, sums)
+
+
+class SeedLayout(Exception):
+    """Raised during a forward: a selected module's output has the batch on ``dim`` by the data
+    flow from the batch, not on the declared dimension."""
+
+    def __init__(self, module: nn.Module, dim: int):
+        super().__init__(f"batch on dimension {dim} of {type(module).__name__}'s output")
+        self.module, self.dim = module, dim
+
+
+def _flip_seeds(f: Featurizer, layout: SeedLayout, flipped: bool) -> bool:
+    """Take the batch's tensors as batched on their other dimension (0 <-> 1; a sequence-first
+    model fed batch-first loaders, or the reverse) and run the batch again; refuse a second flip
+    for one batch. Returns ``True``."""
+    if flipped:
+        name = f.scope.key_name(layout.module)
+        declared = 0 if f.batch_first else 1
+        raise RuntimeError(
+            f"selected module {name!r} ({type(layout.module).__name__}) has the batch on "
+            f"dimension {layout.dim} of its output, by the data flow from the batch's tensors "
+            f"taken as batched on either of their first two dimensions, but batch_first="
+            f"{f.batch_first} declares dimension {declared}: pass batch_first="
+            f"{not f.batch_first}, or select modules whose outputs have the declared layout"
+        ) from layout
+    f._seed_dim = 1 - f._seed_dim
+    return True
 
 
 def _warn_scalar_sum(f: Featurizer) -> None:

@@ -1,13 +1,14 @@
 """The hook manager: module calls on the timeline, and the uses of module-level rules.
 
-Every use of a module served by a module-level rule (:mod:`sdi.selection`) is its call; other
-parameters are captured at the operation (:mod:`sdi.capture`), whose uses pair with their
-grad-outputs through the same :func:`watch_grad`. A forward hook on each such module records the call (which module, which of its uses, where in
-the forward timeline) and hangs a tensor hook on the module's output. The call's arguments --
-positional and keyword, as a :class:`Call` -- live in that tensor hook's closure, so whenever autograd
-produces the output's gradient -- in whatever order, however the graph branches, and even if the
-output is later modified in place -- the callback gets ``(module, use, call, grad_output)`` for
-exactly that use. Nothing is stacked, nothing is matched by order.
+One path for every use: capture -> use -> rule -> feature. Uses at the operation come from
+:mod:`sdi.capture`; a module served by a module-level rule (:mod:`sdi.selection`: Opacus-covered
+types, registered rules, the generic rule) has its calls hooked here instead, and each call becomes
+the same kind of use, an :class:`sdi.capture.OpUse` whose function is the module. A forward hook
+records the call (which module, which of its uses, where in the forward timeline) and hangs a
+tensor hook (:func:`watch_grad`) on the module's output, with the use in its closure; so whenever
+autograd produces the output's gradient -- in whatever order, however the graph branches, and even
+if the output is later modified in place -- the callback gets ``(use, grad_output)`` for exactly
+that use. Nothing is stacked, nothing is matched by order.
 
 ``grad_output`` is the gradient of the module's FIRST tensor output, the one every per-layer rule
 differentiates. A gradient that reaches one of the module's other tensor outputs (say the router
@@ -28,27 +29,17 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+
+if TYPE_CHECKING:
+    from .capture import OpUse
 
 
-@dataclass(frozen=True)
-class Call:
-    """One call's arguments, every tensor in them detached (batch on the manager's ``batch_dim``)."""
-
-    args: tuple
-    kwargs: dict
-    output: torch.Tensor | None = None  # a copy of the first tensor output, when asked for
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        """The positional tensor arguments: what the Linear / Embedding / Opacus rules read."""
-        return [a for a in self.args if torch.is_tensor(a)]
-
-
-GradCallback = Callable[[nn.Module, int, Call, torch.Tensor], None]
+MakeUse = Callable[[nn.Module, tuple, dict, int, int], "OpUse"]
+GradCallback = Callable[["OpUse", torch.Tensor], None]
 
 
 @dataclass
@@ -69,8 +60,6 @@ class CallLog:
     mutated_buffers: dict[nn.Module, list[str]] = field(default_factory=dict)
     batch_sizes: set[int] = field(default_factory=set)
     used: set = field(default_factory=set)  # the parameters some use gave a gradient path
-    # Leaves made for outputs that did not require grad (see watch_grad).
-    leaves: list[torch.Tensor] = field(default_factory=list)
 
     def tick(self) -> int:
         self.clock += 1
@@ -86,7 +75,7 @@ class CallLog:
         return len(entries) - 1
 
 
-def watch_grad(out: torch.Tensor, log: CallLog, callback) -> torch.Tensor:
+def watch_grad(out: torch.Tensor, callback) -> torch.Tensor:
     """Call ``callback(grad)`` with d loss / d ``out`` (detached, ``out``'s shape) during backward.
 
     Returns the tensor to hand on in place of ``out`` (``out`` itself where possible).
@@ -96,9 +85,7 @@ def watch_grad(out: torch.Tensor, log: CallLog, callback) -> torch.Tensor:
     """
     replacement = out
     if not out.requires_grad:
-        leaf = out.detach().requires_grad_(True)
-        log.leaves.append(leaf)
-        replacement = out = leaf.clone()
+        replacement = out = out.detach().requires_grad_(True).clone()
     shape, target = out.shape, out
     if out._is_view():
         # A hook on a view dies if the view is later modified in place (e.g. nn.Linear on 3-D
@@ -108,7 +95,11 @@ def watch_grad(out: torch.Tensor, log: CallLog, callback) -> torch.Tensor:
             target = base
         else:
             replacement = target = out.clone()
-    target.register_hook(lambda grad: callback(grad.detach().view(shape)))
+
+    def hook(grad: torch.Tensor) -> None:  # returns nothing: the gradient flows on unchanged
+        callback(grad.detach().view(shape))
+
+    target.register_hook(hook)
     return replacement
 
 
@@ -118,10 +109,6 @@ def _first_tensor(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)):
         return next((o for o in output if torch.is_tensor(o)), None)
     return None
-
-
-def _detached(tree):
-    return tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, tree)
 
 
 def _buffer_versions(module: nn.Module) -> list[tuple[str, int]]:
@@ -134,30 +121,39 @@ class HookManager:
 
     Args:
         modules: the modules served by a module-level rule: each call is a use.
-        on_grad: called during backward as ``on_grad(module, use, call, grad_output)``, where
-            ``use`` counts the module's calls in forward order from 0, ``call`` holds the call's
-            arguments (detached) and ``grad_output`` is d loss / d (first tensor output), detached.
+        on_grad: called during backward as ``on_grad(use, grad_output)``: ``use`` is the call as
+            an :class:`sdi.capture.OpUse` of the module (made by ``make_use``; ``use.slots`` place
+            it on the timeline), ``grad_output`` is d loss / d (first tensor output), detached.
+        make_use: ``make_use(module, args, kwargs, batch_dim, batch)`` -> the call's :class:`OpUse`
+            (:meth:`sdi.capture.CaptureMode.module_use`), keyword arguments of ``forward``'s
+            positional parameters moved into ``args``.
         batch_dim: the batch dimension of the module outputs (0 for batch-first).
         span_modules: further modules whose calls are only timed (enter/exit ticks): the owners of
             parameters captured at the operation, and the modules enclosing them, for
             :mod:`sdi.steps`; their buffers are watched where ``owners`` holds them.
         keep_output: modules whose first call per capture keeps a copy of its first tensor output
-            in :attr:`Call.output` (the generic rule checks its recompute against it).
+            in :attr:`OpUse.output` (the generic rule checks its recompute against it).
         owners: the modules owning selected parameters (a change of their buffers is recorded).
         root: the model: operations directly in its forward are not grouped into one use.
+        declared, check_output: ``check_output(module, first tensor output)`` after each call of
+            a ``declared`` module (the selected ones, whose outputs the declared batch layout
+            describes).
     """
 
     def __init__(
         self,
         modules: Sequence[nn.Module],
         on_grad: GradCallback,
+        make_use: MakeUse,
         batch_dim: int = 0,
         span_modules: Sequence[nn.Module] = (),
         keep_output: Sequence[nn.Module] = (),
         owners: Sequence[nn.Module] = (),
         root: nn.Module | None = None,
+        declared: Sequence[nn.Module] = (),
+        check_output: Callable[[nn.Module, torch.Tensor], None] | None = None,
     ):
-        self._on_grad = on_grad
+        self._on_grad, self._make_use = on_grad, make_use
         self._batch_dim = batch_dim
         self._log: CallLog | None = None
         self._paused = False
@@ -166,6 +162,7 @@ class HookManager:
         self._rule_modules = set(modules)
         self._owners = set(owners) | self._rule_modules
         self.root = root
+        self._declared, self._check_output = set(declared), check_output
         self._handles: dict[nn.Module, list] = {}
         for m in modules:
             self._hook(m, self._forward_hook)
@@ -275,7 +272,12 @@ class HookManager:
     def _span_hook(self, module: nn.Module, inputs: tuple, output):
         if self._recording():
             self._exit(module)
+            self._checked(module, _first_tensor(output))
         return None
+
+    def _checked(self, module: nn.Module, out: torch.Tensor | None) -> None:
+        if out is not None and module in self._declared and self._check_output is not None:
+            self._check_output(module, out)
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self._recording():
@@ -283,20 +285,19 @@ class HookManager:
         log = self.log
         span = self._exit(module)
         out = _first_tensor(output)
+        self._checked(module, out)
         if span is None or out is None or not out.is_floating_point():
             return None
         use = log.add_entry(module, *span)
         log.used.update(module.parameters(recurse=False))
-        log.batch_sizes.add(int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1)
-        kept = out.detach().clone() if use == 0 and module in self._keep_output else None
-        args, kwargs = _bound(module, args, kwargs)
-        call = Call(_detached(tuple(args)), _detached(dict(kwargs)), kept)
-        watched = watch_other_outputs(log, type(module).__name__, output, out)
-
-        def on_grad(grad: torch.Tensor) -> None:
-            self._on_grad(module, use, call, grad)
-
-        new = watch_grad(out, log, on_grad)
+        batch = int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1
+        log.batch_sizes.add(batch)
+        op = self._make_use(module, *_bound(module, args, kwargs), self._batch_dim, batch)
+        op.slots.update(dict.fromkeys(op.params, (module, use)))
+        if use == 0 and module in self._keep_output:
+            op.output = out.detach().clone()
+        watched = watch_other_outputs(type(module).__name__, output, out)
+        new = watch_grad(out, lambda grad: self._on_grad(op, grad))
         if new is out and watched is output:
             return None
         if torch.is_tensor(watched):
@@ -304,7 +305,7 @@ class HookManager:
         return watched if new is out else _replace_first(watched, new)
 
 
-def watch_other_outputs(log: CallLog, what: str, output, first: torch.Tensor):
+def watch_other_outputs(what: str, output, first: torch.Tensor):
     """Hang a refusing hook on every other floating tensor output; returns the output to use.
 
     An output that needs no grad (frozen parameters, input not requiring grad) becomes a leaf
@@ -317,9 +318,7 @@ def watch_other_outputs(log: CallLog, what: str, output, first: torch.Tensor):
         if not torch.is_tensor(other) or other is first or not other.is_floating_point():
             continue
         if not other.requires_grad:
-            leaf = other.detach().requires_grad_(True)
-            log.leaves.append(leaf)
-            other = items[index] = leaf.clone()
+            other = items[index] = other.detach().requires_grad_(True).clone()
 
         def refuse(grad: torch.Tensor, index=index) -> None:
             if bool(grad.ne(0).any()):

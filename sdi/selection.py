@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .rules import GENERIC, RULES, ModuleRule, check_supported, rule_for
-from .rules.linear import LinearRule
+from .rules.ops import SCALE_GRAD_BY_FREQ
 
 NOTHING_SELECTED = (
     "target_modules hold no trainable parameters (all have requires_grad=False, or the modules "
@@ -66,23 +66,29 @@ def enclosing(model: nn.Module, owners) -> list[nn.Module]:
     return list(out)
 
 
-_OP = ModuleRule()  # what check_supported sees for parameters captured at the operation
+class _Operations(ModuleRule):
+    """What :func:`check_supported` sees for parameters captured at the operation: refuses at
+    once what their operations' rules would refuse at the first batch."""
+
+    def check(self, module: nn.Module, param: nn.Parameter, *, exact: bool) -> str | None:
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            return SCALE_GRAD_BY_FREQ
+        return None
+
+
+_OP = _Operations()
 
 
 def _module_rule(module: nn.Module, direct, owners) -> ModuleRule | None:
     """The module-level rule serving ``module``'s ``direct`` selected parameters, or ``None``:
     captured at the operation. Module-level: registered rules (``register_rule``, also the
-    generic rule registered for a type) and Opacus' samplers, where the module owns its
-    parameters alone and the rule covers them; Linear and Embedding also where their forward is
-    their own (their operations' rules give the same features); a Linear whose weight is
-    computed (weight norm, pruning) is captured at the operation."""
+    generic rule registered for a type) and Opacus' samplers (not for Linear and Embedding,
+    whose operations' rules serve them), where the module owns its parameters alone."""
     if not direct or any(len(owners[p]) > 1 for p in direct):
         return None  # a parameter shared by several modules (tied): one path for all its uses
     rule = rule_for(module)
     if rule is GENERIC and RULES.get(type(module)) is not GENERIC:
         return None
-    if isinstance(rule, LinearRule) and any(rule.check(module, p, exact=True) for p in direct):
-        return None  # reparametrised (weight norm, pruning): the operations see the weight
     return rule
 
 

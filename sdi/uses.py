@@ -46,6 +46,7 @@ class ParamScope(Scope):
     targets: the selected modules.
     hooks: the featuriser's hook manager (which calls are running, the clock).
     on_grad: ``on_grad(use, grad)`` during backward.
+    strict: refuse uses on tensors computed with batch statistics (:meth:`coupled`).
     """
 
     def __init__(
@@ -57,11 +58,12 @@ class ParamScope(Scope):
         targets: set,
         hooks: HookManager,
         on_grad: Callable[[OpUse, torch.Tensor], None],
+        strict: bool = True,
     ):
         self._by_id = {id(p): p for p in names}
         self._names, self.selected, self._owners = names, selected, owners
         self.module_rule_owner, self._targets = module_rule_owner, targets
-        self.hooks, self._on_grad = hooks, on_grad
+        self.hooks, self._on_grad, self.strict = hooks, on_grad, strict
         self.trainable: set[int] = set()  # ids of the parameters trainable before featurising
         self.found: set = set()  # parameters found in use inside selected calls
         self.frozen_layout = False  # set once a batch's features were computed
@@ -114,8 +116,16 @@ class ParamScope(Scope):
             raise ModuleFallback(module, message)
         raise RuntimeError(message)
 
+    def coupled(self, params, message: str) -> None:
+        """Strict mode refuses a use on a tensor computed with batch statistics -- unless the
+        parameters are a module's own and its call is running: then the generic rule serves the
+        module (:meth:`unknown`), whose per-example recompute accepts a call that reproduces
+        (batch statistics computed before it) and refuses one that does not."""
+        if self.strict:
+            self.unknown(params, message)
+
     def watch_others(self, what: str, out, first: torch.Tensor):
-        return watch_other_outputs(self.hooks.log, what, out, first)
+        return watch_other_outputs(what, out, first)
 
     def record(self, use: OpUse, out: torch.Tensor, keys: dict) -> torch.Tensor:
         log = self.hooks.log
@@ -128,4 +138,4 @@ class ParamScope(Scope):
             use.slots[p] = (key, entries[key])
         log.used.update(use.params)
         log.batch_sizes.add(int(out.shape[use.out_dim]))
-        return watch_grad(out, log, lambda grad: self._on_grad(use, grad))
+        return watch_grad(out, lambda grad: self._on_grad(use, grad))

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import explicit_linear_sketch, linear_inputs, tiny_model
+from direct_uses import features, linear_use, module_use, rule_view
 from opacus.grad_sample.grad_sample_module import GradSampleModule
 
 import sdi
 from sdi import ProjectedTracInSDI
 from sdi.backend import TORCH, get_backend
 from sdi.featurize import Featurizer
-from sdi.hooks import Call
 from sdi.kernels import torch_ops
 from sdi.rules import (
     GENERIC,
@@ -29,10 +29,8 @@ from sdi.rules import (
     RULES,
     ExactRules,
     GenericRule,
-    LinearRule,
     ModuleRule,
     SketchRules,
-    Use,
     register_rule,
     rule_for,
 )
@@ -110,8 +108,8 @@ def _reference(module, params, args_of, g, batch_dim=0):
 
 
 def _use(x, g, kwargs=None, batch_dim=0):
-    acts = [x.movedim(batch_dim, 0)]
-    return Use(acts, g.movedim(batch_dim, 0), Call((x,), dict(kwargs or {})), batch_dim)
+    """A call with input ``x`` (and ``kwargs``), grad-output ``g``, as a module-level rule sees it."""
+    return rule_view(None, (), x, g, kwargs, batch_dim)
 
 
 def _gen(seed=None):
@@ -177,17 +175,15 @@ def test_generic_chunks_the_batch_under_its_memory_limit(monkeypatch):
     seen = []
     rule = GenericRule()
     vjp = rule._vjp
-    monkeypatch.setattr(rule, "_vjp", lambda *args: (seen.append(args[4].shape[0]), vjp(*args))[1])
+    monkeypatch.setattr(rule, "_vjp", lambda *args: (seen.append(args[5].shape[0]), vjp(*args))[1])
     chunked = rule.grads(module, params, _use(x, g))
     assert seen == [3, 3, 1]
     for a, b in zip(chunked, whole, strict=True):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(
-    "specific", [nn.Linear(6, 5), nn.LayerNorm(6), nn.Conv1d(6, 5, 3, padding=1)]
-)
-def test_generic_equals_the_specific_rule(specific):
+@pytest.mark.parametrize("specific", [nn.LayerNorm(6), nn.Conv1d(6, 5, 3, padding=1)])
+def test_generic_equals_the_opacus_rule(specific):
     gen = _gen()
     with torch.no_grad():
         for p in specific.parameters():
@@ -198,7 +194,7 @@ def test_generic_equals_the_specific_rule(specific):
         g = torch.randn(specific(x).shape, generator=gen)
     params = list(specific.parameters())
     rule = rule_for(specific)
-    assert type(rule) is (LinearRule if isinstance(specific, nn.Linear) else type(OPACUS))
+    assert rule is OPACUS
     for a, b in zip(
         rule.grads(specific, params, _use(x, g)),
         GENERIC.grads(specific, params, _use(x, g)),
@@ -208,7 +204,8 @@ def test_generic_equals_the_specific_rule(specific):
 
 
 def test_generic_forced_on_a_whole_model_equals_the_specific_rules(monkeypatch):
-    """tiny_model's loop core (nn.Linear + nn.LayerNorm): exact features with the generic rule forced."""
+    """tiny_model's loop core (nn.Linear + nn.LayerNorm): exact features with the generic rule
+    forced on both types equal those of the Linear operation rule and the Opacus rule."""
     model = tiny_model(seed=4, steps=3)
     batch = random_token_batches(5, 5, 7, 19, seed=2)[0]
 
@@ -233,12 +230,14 @@ def test_generic_sketch_is_count_sketch_of_the_exact_gradient():
     rules = SketchRules([module.w], 37, seed=3, backend=get_backend("torch"), owners=[module])
     table = rules.tables[module.w]
     assert table.d == 15  # one CountSketch table of the flattened (5, 3) parameter
-    got = rules.features(module, [module.w], [x], g, Call((x,), {}))
-    exact = ExactRules(owners=[module]).features(module, [module.w], [x], g, Call((x,), {}))
+    rules.use_rule(module, GENERIC)
+    use = module_use(module, [module.w], x)
+    got = features(rules, use, g)
+    exact = features(ExactRules(rules={module: GENERIC}), use, g)
     torch.testing.assert_close(got[0], torch_ops.count_sketch(exact[0], table))
     sums = rules.step_sums()
     for _ in range(2):
-        sums.add(module, [module.w], [x], g, Call((x,), {}))
+        assert features(rules, use, g, sums) == []
     torch.testing.assert_close(dict(sums.sketches())[module.w], 2 * got[0])
 
 
@@ -319,8 +318,22 @@ def test_lookup_follows_subclasses_only_when_forward_is_kept():
         def forward(self, x):
             return super().forward(x) * 2
 
-    assert isinstance(rule_for(KeepsForward(3, 2)), LinearRule)
-    assert rule_for(OwnForward(3, 2)) is GENERIC
+    class Gain(Scale):
+        pass
+
+    class OwnGain(Scale):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    # Linear and Embedding are served by their operations' rules, not by a module-level rule.
+    assert rule_for(nn.Linear(3, 2)) is GENERIC and rule_for(nn.Embedding(3, 2)) is GENERIC
+    assert rule_for(KeepsForward(3, 2)) is GENERIC and rule_for(OwnForward(3, 2)) is GENERIC
+    rule = GenericRule()
+    RULES[Scale] = rule
+    try:
+        assert rule_for(Gain(3)) is rule and rule_for(OwnGain(3)) is GENERIC
+    finally:
+        RULES.pop(Scale)
     assert rule_for(nn.LayerNorm(3)) is OPACUS
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_rule(int, GenericRule())
@@ -482,9 +495,8 @@ def test_rules_paths_and_step_sums_agree():
     m, B = 50, 3
     uses = [linear_inputs(35, 21, B, T, seed=T) for T in (7, 7, 2)]
     rules = {path: _rules(layer, m, path) for path in (True, False)}
-    params = [layer.weight, layer.bias]
     per_use = {
-        path: [r.features(layer, params, [a], g) for a, g in uses] for path, r in rules.items()
+        path: [features(r, linear_use(layer, a), g) for a, g in uses] for path, r in rules.items()
     }
     for fft, explicit in zip(per_use[False], per_use[True], strict=True):
         for x, y in zip(fft, explicit, strict=True):
@@ -495,7 +507,7 @@ def test_rules_paths_and_step_sums_agree():
         for _ in range(2):  # the reused gradient buffers start from zero on every pass
             sums = r.step_sums()
             for a, g in uses:
-                sums.add(layer, params, [a], g)
+                assert features(r, linear_use(layer, a), g, sums) == []
             got = dict(sums.sketches())
             torch.testing.assert_close(got[layer.weight], want_weight, rtol=1e-4, atol=1e-4)
             want_bias = sum(f[1] for f in per_use[path])
@@ -503,7 +515,7 @@ def test_rules_paths_and_step_sums_agree():
     # A different batch size gets a fresh buffer.
     a, g = linear_inputs(35, 21, B + 2, 7, seed=9)
     torch.testing.assert_close(
-        rules[True].features(layer, params, [a], g)[0],
+        features(rules[True], linear_use(layer, a), g)[0],
         explicit_linear_sketch(a, g, table),
         rtol=1e-4,
         atol=1e-4,
@@ -532,6 +544,6 @@ def test_cost_model_keeps_the_gradient_buffer_within_its_cap(monkeypatch):
     # Through the rules, a batch past the cap takes the FFT path: same sketch, no buffer.
     a, g = linear_inputs(384, 128, 33, 64, seed=4)
     table = rules.tables[layer.weight]
-    got = rules.features(layer, [layer.weight], [a], g)[0]
+    got = features(rules, linear_use(layer, a), g)[0]
     assert layer.weight not in rules._grad_buffers
     torch.testing.assert_close(got, explicit_linear_sketch(a, g, table), rtol=1e-4, atol=1e-4)

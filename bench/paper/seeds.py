@@ -5,7 +5,7 @@ of the 135M model, which is most of the paper bench's time budget. The sketch of
 computed from that use's activations and grad-output alone, so here one backward feeds every
 seed's rules: the rules of ``ProjectedTracInSDI(seed=s)`` (the same tables, drawn by the estimator
 itself) are stacked, each parameter's columns holding one block of ``m`` per seed. This uses the
-featuriser's ``rules`` attribute, as :mod:`sdi.explain` does; the bench checks seed 0 against the
+featuriser's ``op_rules`` attribute (every use goes through it); the bench checks seed 0 against the
 public call (per-step features bitwise, the train side to float rounding: the public call sums
 some gradients before hashing them, here every use is hashed and the sketches summed).
 """
@@ -17,23 +17,19 @@ from collections.abc import Sequence
 import torch
 
 from sdi import ProjectedTracInSDI
+from sdi.rules.ops import OpRules
 
 
 class SeedStack:
-    """The rules of several seeds side by side: ``features`` returns ``(B, seeds * m)`` per param."""
+    """The operation rules of several seeds side by side: ``features`` gives ``(B, seeds * m)``
+    per param (the featuriser's ``op_rules``, :class:`sdi.rules.ops.OpRules`)."""
 
-    exact = False
-    step_sums = None  # every use goes through ``features``
+    def __init__(self, per_seed: Sequence):
+        self.per_seed = [OpRules(lambda rules=rules: rules) for rules in per_seed]
 
-    def __init__(self, per_seed: Sequence, m: int):
-        self.per_seed, self.m = list(per_seed), m
-
-    def width(self, param) -> int:
-        return len(self.per_seed) * self.m
-
-    def features(self, module, params, activations, g, call=None, batch_dim=0):
-        each = [r.features(module, params, activations, g, call, batch_dim) for r in self.per_seed]
-        return [torch.cat(parts, dim=-1) for parts in zip(*each, strict=True)]
+    def features(self, use, g, sums=None) -> dict:
+        each = [rules.features(use, g) for rules in self.per_seed]
+        return {p: torch.cat([e[p] for e in each], dim=-1) for p in each[0]}
 
 
 def per_seed_features(
@@ -53,7 +49,7 @@ def per_seed_features(
         model=model, target_modules=target_modules, projection_size=len(seeds) * m, seed=0
     )
     featurizer = stacked._featurizer
-    featurizer.rules = SeedStack(per_seed, m)
+    featurizer.op_rules = SeedStack(per_seed)
     try:
         feats, _ = featurizer.compute_batch(batch, loss_fn)  # (B, steps, params * seeds * m)
     finally:

@@ -1,29 +1,30 @@
 """Rules: the per-example gradient of one use, and its sketch.
 
-Uses are captured at the operation (:mod:`sdi.capture`) and served by the rules of
-:mod:`sdi.rules.ops` -- ``F.linear`` / ``matmul`` as ``G^T A`` whatever the module's class,
-``F.embedding`` by a signed shift, broadcast products by a sum, anything else by the vjp of that
-one operation. A module's own calls are served by a module-level :class:`ModuleRule` instead where
-one applies, found by :func:`rule_for` in a registry (see :func:`sdi.selection._module_rule`):
+Every use is an :class:`sdi.capture.OpUse` -- an operation captured during the forward, or a
+call of a module served by a module-level rule -- and :class:`sdi.rules.ops.OpRules` dispatches it:
 
 ==========================  =====================================================================
-module kind                 exact gradient / projected sketch
+use                         exact gradient / projected sketch
 ==========================  =====================================================================
-``nn.Linear``               weight ``G^T A`` / TensorSketch (FFT or, on CPU when cheaper, the
-                            materialised gradient); bias ``sum_tokens g`` / CountSketch
-``nn.Embedding``            ``sum_tokens onehot(id) (x) g`` / TensorSketch by signed shift
-Opacus-covered types        Opacus' grad sampler / CountSketch of the flattened gradient
-(``GRAD_SAMPLERS``)         (norms, convolutions; ``register_grad_sampler`` adds types)
-generic (registered for a  vjp of the module's re-run forward, vmapped over the batch or looped
-type; or a module whose     per example (:mod:`sdi.rules.generic`) / sketch of the flattened
-forward hides the batch)    gradient
+``F.linear``, ``@``,        weight ``G^T A`` / TensorSketch (FFT or, on CPU when cheaper, the
+linear ``einsum``           materialised gradient), whatever the module's class (``nn.Linear``,
+                            ``CastedLinear``, a bank's slice); bias ``sum_tokens g`` / CountSketch
+``F.embedding``             ``sum_tokens onehot(id) (x) g`` / TensorSketch by signed shift
+broadcast ``x * s``, ``+``  ``g x`` / ``g`` summed over the broadcast dims (per-block vectors)
+any other operation         vjp of that one operation per example / sketch of the flattened gradient
+a call of a module with a   the module's :class:`ModuleRule`, found by :func:`rule_for` (see
+module-level rule           :func:`sdi.selection._module_rule`): Opacus' grad samplers for the
+                            types they cover (norms, convolutions; ``register_grad_sampler`` adds
+                            types), rules registered with :func:`register_rule`, and the generic
+                            rule (the vjp of the module's re-run forward) for a module whose
+                            forward hides the batch from the capture
 ==========================  =====================================================================
 
-Each rule owns its exact gradient (:meth:`ModuleRule.grads`), its sketch (:meth:`ModuleRule.sketch`),
-its hash table (:meth:`ModuleRule.draw_table`), how one pass's uses are summed
-(:meth:`ModuleRule.add_step`) and, where it has more than one path, the CPU cost model that
-chooses between them (:func:`sdi.rules.linear.explicit_is_cheaper`). Tables are drawn in model
-order from one seeded generator, so one seed gives one sketch on every backend.
+A module-level rule owns its exact gradient (:meth:`ModuleRule.grads`), its sketch
+(:meth:`ModuleRule.sketch`), its hash table (:meth:`ModuleRule.draw_table`) and how one pass's uses
+are summed (:meth:`ModuleRule.add_step`). The Linear path chooses between its two sketch paths by a
+CPU cost model (:func:`sdi.rules.linear.explicit_is_cheaper`). Tables are drawn in model order from
+one seeded generator, so one seed gives one sketch on every backend.
 
 Registering a rule for your own module type
 -------------------------------------------
@@ -47,12 +48,9 @@ gradient for a whole module's call::
 not override ``forward``; it is looked up when an estimator is built.
 """
 
-import torch.nn as nn
-
 from ..freezing import requires_grad_set
-from .embedding import EmbeddingRule
 from .generic import GENERIC, GENERIC_CHUNK_BYTES, GenericRule
-from .linear import EXPLICIT_MAX_BUFFER_BYTES, LinearRule, explicit_is_cheaper
+from .linear import EXPLICIT_MAX_BUFFER_BYTES, explicit_is_cheaper
 from .modes import ExactRules, SketchRules, StepSums
 from .opacus import OPACUS, OpacusRule
 from .registry import (
@@ -64,19 +62,14 @@ from .registry import (
     rule_for,
 )
 
-register_rule(nn.Linear, LinearRule)
-register_rule(nn.Embedding, EmbeddingRule)
-
 __all__ = [
     "EXPLICIT_MAX_BUFFER_BYTES",
     "GENERIC",
     "GENERIC_CHUNK_BYTES",
     "OPACUS",
     "RULES",
-    "EmbeddingRule",
     "ExactRules",
     "GenericRule",
-    "LinearRule",
     "ModuleRule",
     "OpacusRule",
     "SketchRules",

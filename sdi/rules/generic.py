@@ -16,7 +16,8 @@ is exactly what autograd gives on a per-example loop. Two ways, chosen per modul
   switches it to the loop for good; a forward that draws random numbers (dropout in training mode)
   is an error instead, since no recompute can reproduce it.
 
-Which tensors are batched: those whose ``batch_dim`` has the batch size; the others (rotary tables,
+Which arguments are per-example, and on which dimension, is the capture's (:mod:`sdi.capture`: by
+data flow from the batch, never by a size that happens to equal it); the others (rotary tables,
 masks shared by the batch) go to every example whole. The cotangent is the grad of the module's
 first tensor output; the hook manager refuses a use whose other outputs carry a gradient.
 
@@ -38,6 +39,7 @@ import torch.nn as nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..capture import Batched
 from ..hooks import _first_tensor
 from .registry import ModuleRule, Use
 
@@ -82,21 +84,27 @@ class GenericRule(ModuleRule):
 
     def _chunks(self, module: nn.Module, params, use: Use):
         """Yield, chunk of examples by chunk, one ``(b, numel)`` fp32 gradient per param."""
-        if use.call is None:
+        op = use.op
+        if op is None:
             raise RuntimeError(f"the generic rule needs the call of {type(module).__name__}")
-        bd = use.batch_dim
+        bd = op.out_dim
         names = {id(p): n for n, p in module.named_parameters(recurse=False)}
         primals = {names[id(p)]: p.detach() for p in params}
         buffers = {n: b.clone() for n, b in module.named_buffers()}
         grad = use.grad.movedim(0, bd) if bd else use.grad
         B = use.batch
-        leaves, spec = tree_flatten((use.call.args, use.call.kwargs))
-        batched = [torch.is_tensor(x) and x.dim() > bd and x.shape[bd] == B for x in leaves]
+        leaves, spec = tree_flatten((op.args, op.kwargs))
+        # Per-example by data flow (sdi.capture); one of size 1 along its batch goes whole.
+        rows_of = [
+            x if isinstance(x, Batched) and x.tensor.shape[x.dim] == B else None for x in leaves
+        ]
+        leaves = [x.tensor if isinstance(x, Batched) else x for x in leaves]
+        dims = [x.dim for x in rows_of if x is not None]
 
         def forward(p: dict, batch_leaves: list[torch.Tensor]) -> torch.Tensor:
             it = iter(batch_leaves)
             args, kwargs = tree_unflatten(
-                [next(it) if b else x for x, b in zip(leaves, batched, strict=True)], spec
+                [x if r is None else next(it) for x, r in zip(leaves, rows_of, strict=True)], spec
             )
             out = _first_tensor(functional_call(module, {**p, **buffers}, tuple(args), kwargs))
             if out is None:
@@ -107,24 +115,26 @@ class GenericRule(ModuleRule):
         size = max(1, GENERIC_CHUNK_BYTES // (4 * numel))
         for start in range(0, B, size):
             n = min(size, B - start)
-            rows = [x.narrow(bd, start, n) for x, b in zip(leaves, batched, strict=True) if b]
+            rows = [r.tensor.narrow(r.dim, start, n) for r in rows_of if r is not None]
             g = grad.narrow(bd, start, n)
-            grads, outs = self._vjp(module, forward, primals, rows, g, bd)
-            if use.call.output is not None:
-                _check_recompute(module, outs, use.call.output.narrow(bd, start, n).movedim(bd, 0))
+            grads, outs = self._vjp(module, forward, primals, rows, dims, g, bd)
+            if op.output is not None:
+                _check_recompute(module, outs, op.output.narrow(bd, start, n).movedim(bd, 0))
             yield [grads[names[id(p)]].reshape(n, -1).float() for p in params]
 
-    def _vjp(self, module, forward, primals, rows, g, bd):
-        """``({name: (b, *shape)}, outputs (b, ...))`` by vmap, else (or once it failed) by loop."""
+    def _vjp(self, module, forward, primals, rows, dims, g, bd):
+        """``({name: (b, *shape)}, outputs (b, ...))`` by vmap, else (or once it failed) by loop;
+        ``rows`` have their batch on ``dims``, ``g`` and the outputs on ``bd``."""
         if module not in self._loop_only:
 
             def one(p, rows_i, g_i):
-                out, pull = vjp(lambda q: forward(q, [r.unsqueeze(bd) for r in rows_i]), p)
+                batch = [r.unsqueeze(d) for r, d in zip(rows_i, dims, strict=True)]
+                out, pull = vjp(lambda q: forward(q, batch), p)
                 return pull(g_i.unsqueeze(bd))[0], out.squeeze(bd)
 
             try:
                 with torch.enable_grad():
-                    return vmap(one, in_dims=(None, bd, bd))(primals, rows, g)
+                    return vmap(one, in_dims=(None, dims, bd))(primals, rows, g)
             except Exception as err:  # vmap raises several kinds; the loop re-raises real bugs
                 if "random" in str(err):
                     raise RuntimeError(
@@ -133,10 +143,10 @@ class GenericRule(ModuleRule):
                         "model.eval() before featurising"
                     ) from err
                 self._loop_only.add(module)  # data-dependent shapes: the loop from now on
-        return _loop_vjp(forward, primals, rows, g, bd)
+        return _loop_vjp(forward, primals, rows, dims, g, bd)
 
 
-def _loop_vjp(forward, primals: dict, rows: list, g: torch.Tensor, bd: int):
+def _loop_vjp(forward, primals: dict, rows: list, dims: list, g: torch.Tensor, bd: int):
     n = g.shape[bd]
     grads = {
         k: torch.zeros(n, *v.shape, dtype=torch.float32, device=v.device)
@@ -146,7 +156,7 @@ def _loop_vjp(forward, primals: dict, rows: list, g: torch.Tensor, bd: int):
     for i in range(n):
         with torch.enable_grad():
             p = {k: v.detach().requires_grad_(True) for k, v in primals.items()}
-            out = forward(p, [r.narrow(bd, i, 1) for r in rows])
+            out = forward(p, [r.narrow(d, i, 1) for r, d in zip(rows, dims, strict=True)])
             if out.requires_grad:
                 got = torch.autograd.grad(
                     out, list(p.values()), g.narrow(bd, i, 1), allow_unused=True

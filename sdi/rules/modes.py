@@ -1,4 +1,4 @@
-"""The two feature modes, each dispatching every use to its module's rule (:mod:`.registry`).
+"""The two feature modes: what a feature is, and the state the rules share (:mod:`.ops` dispatches).
 
 - :class:`SketchRules` (projected estimator): one hash table per parameter, drawn in the order the
   parameters are given from one seeded generator; features ``(B, m)``.
@@ -19,7 +19,7 @@ from ..backend import SketchBackend
 from ..kernels import torch_ops
 from ..sketch import CountSketchHash, TensorSketchHash, draw_count_sketch, draw_tensor_sketch
 from .linear import explicit_is_cheaper
-from .registry import ModuleRule, Use, rule_for
+from .registry import ModuleRule, rule_for
 
 
 class _Mode:
@@ -40,10 +40,6 @@ class _Mode:
         if rule is None:
             rule = self._rules[module] = rule_for(module)
         return rule
-
-
-def _use(activations, g: torch.Tensor, call, batch_dim: int) -> Use:
-    return Use(list(activations), g, call, batch_dim)
 
 
 class SketchRules(_Mode):
@@ -146,15 +142,6 @@ class SketchRules(_Mode):
         index, transposed = self._signed_index[param]
         return torch_ops.sketch_dense(phi, index if phi.is_contiguous() else transposed, self.m)
 
-    def features(
-        self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0
-    ) -> list[torch.Tensor]:
-        """One ``(B, m)`` sketch per param of one use: ``activations`` (the positional tensor
-        inputs) and ``g`` (the first output's grad) batch first; ``call`` (:class:`sdi.hooks.Call`)
-        for rules that recompute the forward."""
-        use = _use(activations, g, call, batch_dim)
-        return self.rule_of(module).sketch(self, module, params, use)
-
     def step_sums(self, separate: bool = False) -> StepSums:
         """An accumulator of the features summed over all uses of one backward pass; ``separate``:
         with gradient buffers of its own, for a pass that also computes per-use features."""
@@ -213,11 +200,6 @@ class StepSums:
         """Add a ``(B, m)`` sketch."""
         self._add(self._sketches, param, sketch)
 
-    def add(self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0):
-        """Add one use (arguments as for :meth:`SketchRules.features`)."""
-        use = _use(activations, g, call, batch_dim)
-        self.rules.rule_of(module).add_step(self, module, params, use)
-
     @torch.no_grad()
     def sketches(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(param, (B, m) fp32)`` for every parameter seen; empties the accumulator."""
@@ -245,9 +227,3 @@ class ExactRules(_Mode):
 
     def width(self, param: nn.Parameter) -> int:
         return param.numel()
-
-    def features(
-        self, module: nn.Module, params, activations, g: torch.Tensor, call=None, batch_dim=0
-    ) -> list[torch.Tensor]:
-        use = _use(activations, g, call, batch_dim)
-        return self.rule_of(module).grads(module, params, use)

@@ -8,6 +8,8 @@ block of a parameter (``w``, ``bank[i]``,   / TensorSketch with the block's rows
 ``w.t()``, casts of them)                   (FFT, explicit GEMM on CPU, Triton), bias ``sum g``
 ``F.embedding(ids, w)``                     ``sum onehot(id) (x) g`` / signed shift
 ``x * s``, ``x + s`` (``s`` broadcast)      ``g x`` / ``g`` summed over the broadcast dims
+a call of a module served by a module-level its :class:`~sdi.rules.registry.ModuleRule`
+rule (Opacus-covered, registered, generic)
 anything else                               vjp of that one operation per example (``vmap``
                                             over the batch, a loop where ``vmap`` fails)
 ==========================================  ===================================================
@@ -29,6 +31,12 @@ from ..capture import Batched, Operand, OpUse
 from ..derived import matrix_view
 from ..sketch import CountSketchHash, TensorSketchHash
 from .linear import tokens
+from .registry import Use
+
+SCALE_GRAD_BY_FREQ = (
+    "scale_grad_by_freq=True scales each row's gradient by the token counts of the whole batch, "
+    "so one example's gradient depends on the others: it has no per-example gradient"
+)
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
@@ -71,6 +79,8 @@ class OpRules:
         return {p: f for p, f in out.items() if f is not None}
 
     def _features(self, use: OpUse, g: torch.Tensor) -> dict:
+        if use.module is not None:
+            return self._module(use, g)
         if use.func in _LINEAR or use.func in _MATMUL or use.func is torch.einsum:
             done = self._linear(use, g)
             if done is not None:
@@ -85,6 +95,19 @@ class OpRules:
         if grads is None:
             grads = op_vjp(use, g)
         return {p: self.finish(p, gp) for p, gp in grads.items()}
+
+    def _module(self, use: OpUse, g: torch.Tensor) -> dict:
+        """A call of a module served by its module-level rule (:class:`ModuleRule`)."""
+        module, params, rules = use.module, list(use.params), self.rules
+        rule = rules.rule_of(module)
+        acts = [_batch_first(x) if isinstance(x, Batched) else x for x in use.args]
+        view = Use([a for a in acts if torch.is_tensor(a)], g, use)
+        if self._sums is not None:
+            rule.add_step(self._sums, module, params, view)
+            return {}
+        if rules.exact:
+            return dict(zip(params, rule.grads(module, params, view), strict=True))
+        return dict(zip(params, rule.sketch(rules, module, params, view), strict=True))
 
     def finish(self, p, grad: torch.Tensor) -> torch.Tensor:
         """A dense per-example gradient ``(B, *p.shape)`` as this mode's feature."""
@@ -171,7 +194,9 @@ class OpRules:
             )
         )
         extra.update(use.kwargs)
-        if extra.get("max_norm") is not None or extra.get("scale_grad_by_freq"):
+        if extra.get("scale_grad_by_freq"):
+            raise NotImplementedError(SCALE_GRAD_BY_FREQ)
+        if extra.get("max_norm") is not None:
             return None
         view = matrix_view(w.derived)
         if view is None or not view.whole or use.params != (view.param,):

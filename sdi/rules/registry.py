@@ -4,7 +4,8 @@
 
 1. a rule registered (:func:`register_rule`) for the module's exact type;
 2. Opacus: any type with a grad sampler in ``GradSampleModule.GRAD_SAMPLERS`` (so Opacus'
-   ``register_grad_sampler`` keeps working) -> :class:`~sdi.rules.opacus.OpacusRule`;
+   ``register_grad_sampler`` keeps working) -> :class:`~sdi.rules.opacus.OpacusRule`, except
+   ``nn.Linear`` and ``nn.Embedding`` (:data:`OPERATION_RULES`: their operations' rules serve them);
 3. a rule registered for a base class, if the module's type does not override that base's
    ``forward`` (an ``nn.Linear`` subclass with its own forward is not a Linear);
 4. :class:`~sdi.rules.generic.GenericRule`, for any module with direct parameters -- which the
@@ -16,28 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from opacus.grad_sample.grad_sample_module import GradSampleModule
 
-from ..hooks import Call
 from ..sketch import CountSketchHash, TensorSketchHash, draw_count_sketch
+
+if TYPE_CHECKING:
+    from ..capture import OpUse
 
 
 @dataclass(frozen=True)
 class Use:
-    """One use of a module, as a rule sees it.
+    """One use of a module, as its rule sees it.
 
-    ``activations``: the call's positional tensor arguments, batch first. ``grad``: d loss /
-    d (first tensor output), batch first, already scaled to per-example losses. ``call``: the call
-    as it was made (batch on ``batch_dim``), for rules that re-run the module's forward.
+    ``activations``: the call's positional tensor arguments, the per-example ones batch first.
+    ``grad``: d loss / d (first tensor output), batch first, already scaled to per-example losses.
+    ``op``: the call itself (:class:`sdi.capture.OpUse`: which arguments are per-example, on which
+    dimension), for rules that re-run the module's forward.
     """
 
     activations: list[torch.Tensor]
     grad: torch.Tensor
-    call: Call | None = None
-    batch_dim: int = 0
+    op: OpUse | None = None
 
     @property
     def batch(self) -> int:
@@ -90,6 +94,11 @@ class ModuleRule:
 
 RULES: dict[type, ModuleRule] = {}
 
+#: Types whose calls are served by the rules of their operations (:mod:`sdi.rules.ops`:
+#: ``F.linear`` as ``G^T A``, ``F.embedding`` by a shift), which are exact and cheaper than
+#: Opacus' samplers for them; a rule registered for one of these types still takes precedence.
+OPERATION_RULES = (nn.Linear, nn.Embedding)
+
 
 def register_rule(module_type: type, rule: ModuleRule | type[ModuleRule] | None = None):
     """Use ``rule`` for modules of ``module_type`` (and subclasses that keep its ``forward``).
@@ -126,7 +135,7 @@ def rule_for(module: nn.Module) -> ModuleRule:
     kind = type(module)
     if kind in RULES:
         return RULES[kind]
-    if kind in GradSampleModule.GRAD_SAMPLERS:
+    if kind in GradSampleModule.GRAD_SAMPLERS and kind not in OPERATION_RULES:
         return OPACUS
     for base in kind.__mro__[1:]:
         if base in RULES and kind.forward is base.forward:
