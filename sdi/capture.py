@@ -191,42 +191,6 @@ class CaptureMode(TorchFunctionMode):
         """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many."""
         return tag(x, self.token, dim)
 
-    def batch_dim(self, t: torch.Tensor) -> int | None:
-        """The batch dimension of ``t`` by data flow (``None``: unknown, or not per-example)."""
-        mark = getattr(t, _TAG, None)
-        return mark[1] if mark is not None and mark[0] is self.token else None
-
-    def module_use(
-        self, module: nn.Module, params, args: tuple, kwargs: dict, out_dim: int, batch: int
-    ) -> OpUse:
-        """A call of ``module`` served by a module-level rule, as an :class:`OpUse` of the module;
-        its first output has ``batch`` examples on ``out_dim`` (the featuriser's declared layout).
-
-        Which arguments are per-example is known from the data flow, as for operations. A
-        per-example argument whose batch dimension the data flow lost (downstream of an MoE's
-        token routing: ``x.reshape(-1, d)``, gathers by routed rows, ``index_add``) is taken on
-        the declared dimension where it has ``batch`` rows there -- the contract every module
-        call is held to, and strict mode checks the rule's recompute against the forward --
-        and refused by name otherwise.
-        """
-
-        def record(x):
-            if not torch.is_tensor(x):
-                return x
-            mark = getattr(x, _TAG, None)
-            if mark is None or mark[0] is not self.token:
-                return x.detach()
-            dim = mark[1]
-            if dim is None and x.dim() > out_dim and x.shape[out_dim] == batch:
-                dim = out_dim
-            if dim is None:
-                self.scope.unknown(params, _unknown(module, params, x, self.scope))
-            return Batched(x.detach(), dim, x._version)
-
-        rec_args = tuple(tree_map(record, a) for a in args)
-        rec_kwargs = {k: tree_map(record, v) for k, v in kwargs.items()}
-        return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim)
-
     def _lookup(self, t: torch.Tensor):
         hit = self._derived.get(id(t))
         if hit is not None and hit[0] is t:
@@ -386,6 +350,50 @@ class CaptureMode(TorchFunctionMode):
         items, spec = tree_flatten(out)
         items[next(i for i, o in enumerate(items) if o is first)] = replaced
         return tree_unflatten(items, spec)
+
+
+def batch_dim(mode: CaptureMode, t: torch.Tensor) -> int | None:
+    """The batch dimension of ``t`` by data flow (``None``: unknown, or not per-example)."""
+    mark = getattr(t, _TAG, None)
+    return mark[1] if mark is not None and mark[0] is mode.token else None
+
+
+def module_use(
+    mode: CaptureMode,
+    module: nn.Module,
+    params,
+    args: tuple,
+    kwargs: dict,
+    out_dim: int,
+    batch: int,
+) -> OpUse:
+    """A call of ``module`` served by a module-level rule, as an :class:`OpUse` of the module;
+    its first output has ``batch`` examples on ``out_dim`` (the featuriser's declared layout).
+
+    Which arguments are per-example is known from the data flow, as for operations. A
+    per-example argument whose batch dimension the data flow lost (downstream of an MoE's
+    token routing: ``x.reshape(-1, d)``, gathers by routed rows, ``index_add``) is taken on
+    the declared dimension where it has ``batch`` rows there -- the contract every module
+    call is held to, and strict mode checks the rule's recompute against the forward --
+    and refused by name otherwise.
+    """
+
+    def record(x):
+        if not torch.is_tensor(x):
+            return x
+        mark = getattr(x, _TAG, None)
+        if mark is None or mark[0] is not mode.token:
+            return x.detach()
+        dim = mark[1]
+        if dim is None and x.dim() > out_dim and x.shape[out_dim] == batch:
+            dim = out_dim
+        if dim is None:
+            mode.scope.unknown(params, _unknown(module, params, x, mode.scope))
+        return Batched(x.detach(), dim, x._version)
+
+    rec_args = tuple(tree_map(record, a) for a in args)
+    rec_kwargs = {k: tree_map(record, v) for k, v in kwargs.items()}
+    return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim)
 
 
 def _fresh_float(out) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import CaptureMode, OpUse
+from .capture import CaptureMode, OpUse, batch_dim, module_use
 from .diagnose import (
     SCALAR_SUM_LOSS,
     never_ran_error,
@@ -257,7 +257,7 @@ class Featurizer:
 
         self._targets, self._sketch = target_modules, (projection_size, seed, backend)
         self._fallbacks: list[nn.Module] = []
-        chosen = self._layout([])
+        chosen = _lay_out(self, [])
         self.device = _device(model, chosen)
         self._pass: _Pass | None = None
         self._closed = False
@@ -271,25 +271,6 @@ class Featurizer:
         # module's output shows that the loader's layout is the other one (SeedLayout).
         self._seed_dim = 0 if self.batch_first else 1
 
-    def _layout(self, found: list) -> Selection:
-        """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
-        m, seed, backend = self._sketch
-        chosen = select(self.model, self._targets, strict=self.strict, exact=m is None, found=found)
-        self._module_params = chosen.module_params  # modules served by module-level rules
-        if m is None:
-            self.rules = ExactRules(rules=chosen.module_rules)
-        else:
-            self.rules = SketchRules(
-                chosen.draw_order, m, seed, backend, chosen.draw_owners, chosen.module_rules
-            )
-        self.op_rules = OpRules(lambda: self.rules)
-        self.blocks = _blocks(self.rules, chosen)
-        self.width = self.blocks[-1].columns.stop if self.blocks else 0
-        self._columns = {b.param: b.columns for b in self.blocks}
-        for module in self._fallbacks:
-            _serve_by_generic_rule(self, module, None)
-        return chosen
-
     def _seed_inputs(self, module, args, kwargs):
         """A batch holding no tensor (``loss_fn`` builds them, say by tokenising): the model's
         tensor arguments are the per-example seeds instead. Otherwise the data flow from the
@@ -300,7 +281,7 @@ class Featurizer:
 
     def _check_output(self, module: nn.Module, out: torch.Tensor) -> None:
         """A selected module's output must have the batch on the declared dimension."""
-        dim = self._mode.batch_dim(out) if self._mode is not None else None
+        dim = batch_dim(self._mode, out) if self._mode is not None else None
         if dim is not None and dim != (0 if self.batch_first else 1):
             raise SeedLayout(module, dim)
 
@@ -373,8 +354,9 @@ class Featurizer:
                 _serve_by_generic_rule(self, fallback.module, fallback)
             except Found as found:
                 self.scope.found.add(found.param)
-                self._layout(
-                    [b.param for b in self.blocks if b.param in self.scope.found] + [found.param]
+                _lay_out(
+                    self,
+                    [b.param for b in self.blocks if b.param in self.scope.found] + [found.param],
                 )
 
     def _compute(self, batch, loss_fn, per_step: bool, summed: bool, on_losses):
@@ -413,9 +395,9 @@ class Featurizer:
             state.collect_sums(self._columns)
         return state.out, state.out_sum, plan.steps
 
-    def _module_use(self, module: nn.Module, args, kwargs, batch_dim: int, batch: int) -> OpUse:
+    def _module_use(self, module: nn.Module, args, kwargs, dim: int, batch: int) -> OpUse:
         params = self._module_params[module]
-        return self._mode.module_use(module, params, args, kwargs, batch_dim, batch)
+        return module_use(self._mode, module, params, args, kwargs, dim, batch)
 
     def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
         if self._pass is not None:  # else a backward outside compute_batch: not ours
@@ -427,6 +409,26 @@ class Featurizer:
         return FeatureSet(
             {b.name: flat[:, :, b.columns].reshape(n, steps, *b.shape) for b in self.blocks}, steps
         )
+
+
+def _lay_out(f: Featurizer, found: list) -> Selection:
+    """Select, draw the tables, lay the columns out (again when parameters were ``found``)."""
+    m, seed, backend = f._sketch
+    chosen = select(f.model, f._targets, strict=f.strict, exact=m is None, found=found)
+    f._module_params = chosen.module_params  # modules served by module-level rules
+    if m is None:
+        f.rules = ExactRules(rules=chosen.module_rules)
+    else:
+        f.rules = SketchRules(
+            chosen.draw_order, m, seed, backend, chosen.draw_owners, chosen.module_rules
+        )
+    f.op_rules = OpRules(lambda: f.rules)
+    f.blocks = _blocks(f.rules, chosen)
+    f.width = f.blocks[-1].columns.stop if f.blocks else 0
+    f._columns = {b.param: b.columns for b in f.blocks}
+    for module in f._fallbacks:
+        _serve_by_generic_rule(f, module, None)
+    return chosen
 
 
 def _device(model: nn.Module, chosen: Selection) -> torch.device:
