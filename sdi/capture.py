@@ -185,11 +185,16 @@ class CaptureMode(TorchFunctionMode):
         super().__init__()
         self.scope = scope
         self.token = object()
+        self.batch_size: int | None = None  # of the seeds
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
 
     def seed(self, x, dim: int) -> int:
-        """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many."""
-        return tag(x, self.token, dim)
+        """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many.
+        The first one with a dimension ``dim`` gives :attr:`batch_size`."""
+        tensors = [t for t in tree_flatten(x)[0] if torch.is_tensor(t)]
+        if self.batch_size is None:
+            self.batch_size = next((int(t.shape[dim]) for t in tensors if t.dim() > dim), None)
+        return tag(tensors, self.token, dim)
 
     def _lookup(self, t: torch.Tensor):
         hit = self._derived.get(id(t))
@@ -356,6 +361,21 @@ def batch_dim(mode: CaptureMode, t: torch.Tensor) -> int | None:
     """The batch dimension of ``t`` by data flow (``None``: unknown, or not per-example)."""
     mark = getattr(t, _TAG, None)
     return mark[1] if mark is not None and mark[0] is mode.token else None
+
+
+def inputs_usable(mode: CaptureMode, inputs, dim: int) -> bool:
+    """Whether a module call's ``inputs`` can be split into examples: at least one per-example
+    tensor, and each with its batch dimension known -- or lost by the data flow but of the
+    batch's size on the declared dimension ``dim`` (see :func:`module_use`)."""
+    found = False
+    for t in tree_flatten(inputs)[0]:
+        mark = getattr(t, _TAG, None) if isinstance(t, torch.Tensor) else None
+        if mark is None or mark[0] is not mode.token:
+            continue
+        if mark[1] is None and not (t.dim() > dim and t.shape[dim] == mode.batch_size):
+            return False
+        found = True
+    return found
 
 
 def module_use(

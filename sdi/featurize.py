@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import CaptureMode, OpUse, batch_dim, module_use
+from .capture import CaptureMode, OpUse, batch_dim, inputs_usable, module_use
 from .diagnose import (
     SCALAR_SUM_LOSS,
     never_ran_error,
@@ -212,6 +212,8 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
         on_grad=f._on_op_grad,
         strict=f.strict,
     )
+    bd = 0 if f.batch_first else 1
+    scope.inputs_usable = lambda inputs: f._mode is not None and inputs_usable(f._mode, inputs, bd)
     return hooks, scope
 
 
@@ -492,11 +494,14 @@ def _blocks(rules, chosen: Selection) -> list[ParamBlock]:
 
 
 def _serve_by_generic_rule(f: Featurizer, module: nn.Module, why: Exception | None) -> None:
-    """Serve ``module``'s selected parameters by the generic module-level rule from now on
-    (an operation in its forward hides the batch, so its uses are taken at the call)."""
+    """Serve the selected parameters of ``module`` and its submodules (those no other
+    module-level rule serves) by the generic module-level rule from now on: an operation in its
+    call hides the batch, so their uses are taken at the call."""
     if why is not None and module in f._module_params:
         raise RuntimeError(str(why)) from why
-    params = [b.param for b in f.blocks if b.module is module]
+    inside = set(module.modules())
+    served = {p for ps in f._module_params.values() for p in ps}
+    params = [b.param for b in f.blocks if b.module in inside and b.param not in served]
     f.rules.use_rule(module, GENERIC)
     f._module_params[module] = params
     f.scope.module_rule_owner.update(dict.fromkeys(params, module))

@@ -158,7 +158,8 @@ class HookManager:
         self._log: CallLog | None = None
         self._paused = False
         self._keep_output = set(keep_output)
-        self._stack: list[tuple[nn.Module, int, list]] = []  # active calls: module, enter, buffers
+        # active calls: module, enter tick, buffer versions, the call's (args, kwargs)
+        self._stack: list[tuple[nn.Module, int, list, tuple]] = []
         self._rule_modules = set(modules)
         self._owners = set(owners) | self._rule_modules
         self.root = root
@@ -174,7 +175,7 @@ class HookManager:
         # prepend: seen before any forward hook of the user changes the output
         kwargs = {"with_kwargs": True} if post == self._forward_hook else {}
         self._handles[module] = [
-            module.register_forward_pre_hook(self._pre_hook, prepend=True),
+            module.register_forward_pre_hook(self._pre_hook, prepend=True, with_kwargs=True),
             module.register_forward_hook(post, prepend=True, **kwargs),
         ]
 
@@ -224,14 +225,19 @@ class HookManager:
 
     def active(self, module: nn.Module) -> bool:
         """Whether ``module``'s forward is running now."""
-        return any(m is module for m, _, _ in self._stack)
+        return any(m is module for m, *_ in self._stack)
 
     def active_any(self, modules) -> bool:
-        return any(m in modules for m, _, _ in self._stack)
+        return any(m in modules for m, *_ in self._stack)
+
+    def calls(self) -> list[tuple[nn.Module, tuple]]:
+        """The running calls of hooked modules other than the model, innermost first, each as
+        ``(module, (args, kwargs))``."""
+        return [(m, inputs) for m, _, _, inputs in reversed(self._stack) if m is not self.root]
 
     def group(self) -> int | None:
         """The enter tick of the innermost running call of a hooked module other than the model."""
-        for module, enter, _ in reversed(self._stack):
+        for module, enter, *_ in reversed(self._stack):
             if module is not self.root:
                 return enter
         return None
@@ -239,10 +245,10 @@ class HookManager:
     def _recording(self) -> bool:
         return self._log is not None and not self._paused and torch.is_grad_enabled()
 
-    def _pre_hook(self, module: nn.Module, inputs: tuple):
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._recording():
             versions = _buffer_versions(module) if module in self._owners else []
-            self._stack.append((module, self.log.tick(), versions))
+            self._stack.append((module, self.log.tick(), versions, (args, kwargs)))
         return None
 
     def _exit(self, module: nn.Module) -> tuple[int, int] | None:
@@ -255,7 +261,7 @@ class HookManager:
         )
         if index is None:
             return None
-        _, enter, versions = self._stack.pop(index)
+        _, enter, versions, _ = self._stack.pop(index)
         log = self.log
         if module in self._owners:
             before = dict(versions)
@@ -289,10 +295,10 @@ class HookManager:
         if span is None or out is None or not out.is_floating_point():
             return None
         use = log.add_entry(module, *span)
-        log.used.update(module.parameters(recurse=False))
         batch = int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1
         log.batch_sizes.add(batch)
         op = self._make_use(module, *_bound(module, args, kwargs), self._batch_dim, batch)
+        log.used.update(op.params)
         op.slots.update(dict.fromkeys(op.params, (module, use)))
         if use == 0 and module in self._keep_output:
             op.output = out.detach().clone()

@@ -68,6 +68,9 @@ class ParamScope(Scope):
         self.found: set = set()  # parameters found in use inside selected calls
         self.frozen_layout = False  # set once a batch's features were computed
         self._module_names: dict | None = None
+        self._parents: dict | None = None
+        # (args, kwargs) -> whether a call can be split into examples (set by the featuriser)
+        self.inputs_usable: Callable[[tuple], bool] = lambda inputs: False
 
     def param_of(self, t: torch.Tensor) -> nn.Parameter | None:
         p = self._by_id.get(id(t))
@@ -107,14 +110,23 @@ class ParamScope(Scope):
         return False
 
     def unknown(self, params, message: str) -> None:
-        """Where the parameters are a module's own and its call is running, that module is served
-        by the generic module-level rule instead (its inputs' batch dimension is known): raises
-        :class:`ModuleFallback` for the featuriser to redo the batch; else a ``RuntimeError``."""
+        """Where a running call of a module can be split into examples (:attr:`inputs_usable`)
+        and the parameters are its own or its submodules', the innermost such module is served
+        by the generic module-level rule instead: raises :class:`ModuleFallback` for the
+        featuriser to redo the batch; else a ``RuntimeError``."""
         owners = {self._owners.get(p) for p in params}
-        module = owners.pop() if len(owners) == 1 else None
-        if module is not None and module is not self.hooks.root and self.hooks.active(module):
-            raise ModuleFallback(module, message)
+        for module, inputs in self.hooks.calls():
+            if all(self._within(o, module) for o in owners) and self.inputs_usable(inputs):
+                raise ModuleFallback(module, message)
         raise RuntimeError(message)
+
+    def _within(self, owner: nn.Module | None, module: nn.Module) -> bool:
+        """Whether ``owner`` is ``module`` or one of its submodules."""
+        if self._parents is None:
+            self._parents = {c: m for m in self.hooks.root.modules() for c in m.children()}
+        while owner is not None and owner is not module:
+            owner = self._parents.get(owner)
+        return owner is module
 
     def coupled(self, params, message: str) -> None:
         """Strict mode refuses a use on a tensor computed with batch statistics -- unless the

@@ -25,7 +25,11 @@ def _per_example_grads(model, params, ids, loss_of) -> torch.Tensor:
     """``(B, sum numel)``: d loss_i / d params, one example at a time (a batch of one)."""
     rows = []
     for i in range(ids.shape[0]):
-        grads = torch.autograd.grad(loss_of(model, ids[i : i + 1]).sum(), params)
+        loss = loss_of(model, ids[i : i + 1]).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # an expert not routed to
+        grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 
@@ -247,3 +251,94 @@ def test_the_batch_is_followed_through_a_gather_over_the_examples_in_order(B):
     assert getattr(last, _TAG)[1] == 0 and getattr(moved, _TAG)[1] == 0
     assert after.shape == (2, 1, B) and getattr(after, _TAG)[1] == 2
     assert getattr(shuffled, _TAG)[1] == (0 if B == 1 else None)
+
+
+class SharedExpertMoE(nn.Module):
+    """Qwen2-MoE's pattern, written here: a shared expert and a router run on the flattened
+    tokens ``x.view(-1, d)`` (the batch merged with the positions), routed experts from a bank
+    picked by ``torch.where``, the sum reshaped back."""
+
+    def __init__(self, d: int, f: int, experts: int):
+        super().__init__()
+        self.router = nn.Linear(d, experts, bias=False)
+        self.shared = nn.Sequential(nn.Linear(d, f), nn.SiLU(), nn.Linear(f, d))
+        self.bank = nn.Parameter(torch.randn(experts, f, d) / d**0.5)
+        self.out = nn.Parameter(torch.randn(experts, d, f) / f**0.5)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        flat = x.view(-1, d)
+        best = self.router(flat).softmax(-1).argmax(-1)  # (B*T,)
+        routed = torch.zeros_like(flat)
+        for e in range(self.bank.shape[0]):
+            (rows,) = torch.where(best == e)
+            h = F.gelu(F.linear(flat[rows], self.bank[e]))
+            routed = routed.index_add(0, rows, F.linear(h, self.out[e]))
+        return (routed + self.shared(flat)).reshape(B, T, d)
+
+
+class MoELM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.norm = nn.LayerNorm(D)  # in the second pass, after the first pass's MoE
+        self.moe = SharedExpertMoE(D, 7, experts=3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for _ in range(2):
+            x = x + self.moe(self.norm(x))
+        return x
+
+
+def test_uses_on_merged_tokens_are_served_by_the_enclosing_call_that_has_the_batch():
+    """The shared expert's and the router's Linears see ``(B*T, d)``: the innermost running call
+    whose arguments carry the batch (the MoE block) is recomputed example by example for every
+    selected parameter inside it; the LayerNorm after it keeps its Opacus rule."""
+    torch.manual_seed(4)
+    model = MoELM().double().eval()
+    ids = torch.randint(0, V, (3, 5))
+    params = [*model.moe.parameters(), *model.norm.parameters()]  # the selection's order
+    f = Featurizer(model=model, target_modules=[model.moe, model.norm], projection_size=None)
+    try:
+        got, steps = f.compute_batch(ids, _lm_loss, sum_steps=True)
+        assert steps == 2 and f.rules.rule_of(model.moe) is GENERIC
+        assert set(f._module_params) == {model.moe, model.norm}
+    finally:
+        f.close()
+    want = _per_example_grads(model, params, ids, _lm_loss)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_an_hf_moe_block_on_flattened_tokens_equals_per_example_autograd():
+    """transformers' Qwen2-MoE decoder layer: the shared expert (nn.Linear) and the router run on
+    ``hidden_states.view(-1, d)``, the experts through a functional kernel over a 3-D bank."""
+    import transformers  # a test dependency: the `hf` extra
+
+    torch.manual_seed(5)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=24,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    model = transformers.Qwen2MoeForCausalLM(config).eval()  # float32: the expert kernel's dtype
+    ids = torch.randint(0, V, (3, 6))
+
+    def loss(m, batch):
+        logits = m(input_ids=batch).logits[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+
+    layer = model.model.layers[1]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    got = _exact(model, layer, ids, loss)
+    want = _per_example_grads(model, params, ids, loss)
+    rel = float((got.double() - want.double()).norm() / want.double().norm())
+    assert rel < 1e-5, rel

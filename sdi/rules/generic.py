@@ -88,7 +88,7 @@ class GenericRule(ModuleRule):
         if op is None:
             raise RuntimeError(f"the generic rule needs the call of {type(module).__name__}")
         bd = op.out_dim
-        names = {id(p): n for n, p in module.named_parameters(recurse=False)}
+        names = {id(p): n for n, p in module.named_parameters()}  # its own, or a submodule's
         primals = {names[id(p)]: p.detach() for p in params}
         buffers = {n: b.clone() for n, b in module.named_buffers()}
         grad = use.grad.movedim(0, bd) if bd else use.grad
