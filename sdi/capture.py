@@ -7,7 +7,7 @@ forward. It sees every torch function and tensor method, and keeps two kinds of 
   weight): :class:`sdi.derived.Derived`, which know how to recompute themselves from the
   parameters;
 - per-example tensors (computed from the batch), with the dimension of their batch
-  (:mod:`sdi.batchdims`).
+  (:mod:`sdi.batchdims`), and whether batch statistics coupled their examples.
 
 An operation that meets both -- a parameter-derived tensor and a per-example one -- is a use: its
 arguments are recorded (detached), a tensor hook on its first output pairs the use with its own
@@ -16,9 +16,10 @@ per-example gradients of the parameters behind it. Operations with neither mark 
 one scan of their arguments.
 
 Which uses count is the featuriser's :class:`Scope`: uses of selected parameters anywhere, except
-inside a call of their own module when a module-level rule serves it (the module hook saw that use
-already); a use of any other trainable parameter inside a selected module's call is an error that
-says how to select it.
+inside a call of a module that a module-level rule serves them by; a use of any other trainable
+parameter inside a selected module's call is *found* (:mod:`sdi.uses`). Such a module's call is a
+use too -- :func:`module_use`, the same :class:`OpUse` with the module as its function -- so every
+rule sees one kind of object.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ One path: capture -> use -> rule -> feature. The :class:`Featurizer` runs the fo
 operation-level capture (:mod:`sdi.capture`, :mod:`sdi.uses`; the calls of modules served by a
 module-level rule are uses too, :mod:`sdi.hooks`), sends each use's grad-output to its rule
 (:mod:`sdi.rules.ops`) and owns the layout of the feature tensor: every selected parameter owns a
-block of columns, so a batch's
-features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``, summed over steps in place, when
-only the full gradient is needed (TracIn, and the train side of SDI).
+block of columns, so a batch's features are one fp32 tensor ``(B, steps, D)`` -- or ``(B, D)``,
+summed over steps in place, when only the full gradient is needed (TracIn, and the train side of
+SDI).
 
 Featurisation freezes every model parameter for the duration of the pass: the hooks need only the
 grad-outputs of the uses, so backward skips every weight-gradient matmul.
@@ -84,7 +84,7 @@ class _Pass:
             self.out_sum[:, columns] += feature
 
     @torch.no_grad()
-    def op_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
+    def use_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
         """One use (:mod:`sdi.capture`): an operation, or a call of a module-level rule's module."""
         use.check_unchanged()
         if self.scale != 1.0:
@@ -191,7 +191,7 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
     every_owner = [owner[p][1] for p in chosen.params]
     hooks = HookManager(
         list(f._module_params),
-        f._on_op_grad,
+        f._on_grad,
         f._module_use,
         batch_dim=0 if f.batch_first else 1,
         # they time the passes, and group a module's operations into one use
@@ -209,7 +209,7 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
         module_rule_owner={p: m for m, ps in f._module_params.items() for p in ps},
         targets=set(chosen.targets),
         hooks=hooks,
-        on_grad=f._on_op_grad,
+        on_grad=f._on_grad,
         strict=f.strict,
     )
     bd = 0 if f.batch_first else 1
@@ -401,9 +401,9 @@ class Featurizer:
         params = self._module_params[module]
         return module_use(self._mode, module, params, args, kwargs, dim, batch)
 
-    def _on_op_grad(self, use: OpUse, grad: torch.Tensor) -> None:
+    def _on_grad(self, use: OpUse, grad: torch.Tensor) -> None:
         if self._pass is not None:  # else a backward outside compute_batch: not ours
-            self._pass.op_grad(self, use, grad)
+            self._pass.use_grad(self, use, grad)
 
     def feature_set(self, flat: torch.Tensor, steps: int) -> FeatureSet:
         """View a ``(N, steps, D)`` feature tensor as the per-parameter dict of :class:`FeatureSet`."""

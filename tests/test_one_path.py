@@ -76,9 +76,9 @@ def test_every_use_reaches_the_rules_as_one_kind_of_object(monkeypatch):
     model = Mixed().double()
     ids = torch.randint(0, V, (5, 7))
     seen: list[OpUse] = []
-    record = Featurizer._on_op_grad
+    record = Featurizer._on_grad
     monkeypatch.setattr(
-        Featurizer, "_on_op_grad", lambda self, use, g: (seen.append(use), record(self, use, g))
+        Featurizer, "_on_grad", lambda self, use, g: (seen.append(use), record(self, use, g))
     )
     monkeypatch.setitem(RULES, Gain, GENERIC)  # a registered module-level rule
     got = _exact(model, [model], ids, _lm_loss)
