@@ -76,6 +76,12 @@ class OpUse:
 
     batched: list = field(default_factory=list)  # its Batched arguments
 
+    def release(self) -> None:
+        """Drop the recorded arguments once the use's features are computed: held to the end of
+        the backward pass, they would keep every input activation alive that autograd frees as
+        it goes, and the next batch's allocations would fault in fresh pages."""
+        self.args, self.kwargs, self.batched = (), {}, []
+
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""
         for x in self.batched:
