@@ -20,6 +20,8 @@ table is drawn once from its shape (1-D: CountSketch; more dims: TensorSketch of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
@@ -55,6 +57,7 @@ class OpRules:
     def __init__(self, rules_of):
         self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
         self._sums = None
+        self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries
 
     @property
     def rules(self):
@@ -213,7 +216,12 @@ class OpRules:
         if use.func in _MUL:
             if x.tensor.dim() != nd or x.dim != use.out_dim:
                 return None
-            prod = g * x.tensor.movedim(x.dim, 0)
+            xt = x.tensor.movedim(x.dim, 0)
+            if xt.shape == g.shape:
+                out = self._temporary(g.shape, torch.result_type(g, xt), g.device)
+                prod = torch.mul(g, xt, out=out)
+            else:
+                prod = g * xt
         rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
         dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
@@ -221,6 +229,15 @@ class OpRules:
         out: dict = {}
         _dense(use, g, s, grad, use.params, out)
         return out
+
+    def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
+        (a fresh one per use faults in new pages every time)."""
+        n = math.prod(shape)
+        buffer = self._scratch.get((dtype, device))
+        if buffer is None or buffer.numel() < n:
+            buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        return buffer[:n].view(shape)
 
 
 def _einsum_linear(use: OpUse):
