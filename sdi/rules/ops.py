@@ -45,9 +45,8 @@ def _batch_first(x: Batched) -> torch.Tensor:
 
 def _dense(use, g, operand: Operand, grad, params, out: dict) -> None:
     """Map ``grad`` (B, *operand) back onto the wanted params, adding into ``out``."""
-    for p, gp in operand.derived.backprop(
-        grad, [p for p in params if p in set(use.params)]
-    ).items():
+    counted = set(use.params)
+    for p, gp in operand.derived.backprop(grad, [p for p in params if p in counted]).items():
         out[p] = out[p] + gp if p in out else gp
 
 
@@ -113,8 +112,9 @@ class OpRules:
         a, gt = tokens(_batch_first(x)), tokens(g)
         out: dict = {}
         view = matrix_view(w.derived)
-        wanted = [p for p in w.derived.params if p in set(use.params)]
-        if view is not None and view.param in set(use.params):
+        counted = set(use.params)
+        wanted = [p for p in w.derived.params if p in counted]
+        if view is not None and view.param in counted:
             flip = view.transposed != transposed
             out[view.param] = self._linear_block(view, a, gt, flip)
             wanted = [p for p in wanted if p is not view.param]
