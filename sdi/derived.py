@@ -153,6 +153,8 @@ class Derived:
                 continue  # never moves an element (int64 indices must not be cast)
             if step.name not in _PICKS and step.func not in (_T, _MT):
                 return None
+            if any(isinstance(a, torch.dtype) for a in step.args):
+                return None  # ``view(dtype)`` reinterprets bits: no element picks
             x = step.apply(x)
         return x
 
