@@ -37,6 +37,8 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _EMBEDDING = {F.embedding}
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+# The broadcast rule's reused product buffer is kept up to this size (one activation tensor).
+_SCRATCH_MAX_BYTES = 64 << 20
 
 
 def _batch_first(x: Batched) -> torch.Tensor:
@@ -212,17 +214,17 @@ class OpRules:
         shape = (1,) * (nd - len(s.shape)) + tuple(s.shape)
         if len(s.shape) > nd or shape[use.out_dim] != 1:
             return None
+        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
         prod = g
         if use.func in _MUL:
             if x.tensor.dim() != nd or x.dim != use.out_dim:
                 return None
             xt = x.tensor.movedim(x.dim, 0)
-            if xt.shape == g.shape:
-                out = self._temporary(g.shape, torch.result_type(g, xt), g.device)
-                prod = torch.mul(g, xt, out=out)
-            else:
-                prod = g * xt
-        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
+            summed = xt.shape == g.shape and any(
+                n == 1 and k != 1 for n, k in zip(rest, g.shape[1:], strict=True)
+            )  # a product summed at once is a temporary: into a reused buffer
+            out = self._temporary(g.shape, torch.result_type(g, xt), g.device) if summed else None
+            prod = torch.mul(g, xt, out=out)
         dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
         grad = reduced.reshape(g.shape[0], *s.shape)
@@ -232,8 +234,10 @@ class OpRules:
 
     def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
-        (a fresh one per use faults in new pages every time)."""
+        (a fresh one per use faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``."""
         n = math.prod(shape)
+        if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=device)
         buffer = self._scratch.get((dtype, device))
         if buffer is None or buffer.numel() < n:
             buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
