@@ -223,8 +223,9 @@ class OpRules:
             summed = xt.shape == g.shape and any(
                 n == 1 and k != 1 for n, k in zip(rest, g.shape[1:], strict=True)
             )  # a product summed at once is a temporary: into a reused buffer
-            out = self._temporary(g.shape, torch.result_type(g, xt), g.device) if summed else None
-            prod = torch.mul(g, xt, out=out)
+            dtype = torch.result_type(g, xt)
+            buffer = self._temporary(g.shape, dtype, g.device) if summed else None
+            prod = torch.mul(g, xt, out=buffer)
         dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
         grad = reduced.reshape(g.shape[0], *s.shape)
