@@ -99,6 +99,12 @@ class OpUse:
             if isinstance(y, Batched)
         ]
 
+    def release(self) -> None:
+        """Drop the recorded arguments once the use's features are computed: held to the end of
+        the backward pass, they would keep every input activation alive that autograd frees as
+        it goes, and the next batch's allocations would fault in fresh pages."""
+        self.args, self.kwargs, self.batched = (), {}, []
+
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""
         for x in self.batched:
@@ -273,7 +279,10 @@ class CaptureMode(TorchFunctionMode):
         if name == "__get__" and not any(func == g for g in GETTERS):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        step_func = _replay_on_copy(func) if _inplace(func) else func
+        inplace = _inplace(func)
+        if out is tracked[0][0] and len(tracked) == 1 and not inplace:
+            return out  # a no-op (``w.to(w.dtype)``, ``w.contiguous()``): nothing new to track
+        step_func = _replay_on_copy(func) if inplace else func
         if (
             len(tracked) == 1
             and len(tracked[0][1].params) == 1
@@ -286,7 +295,7 @@ class CaptureMode(TorchFunctionMode):
         else:
             derived = _combined(step_func, args, kwargs, tracked)
             make = lambda index: derived if index is None else _pick(derived, index)  # noqa: E731
-        target = args[0] if _inplace(func) and args and torch.is_tensor(args[0]) else out
+        target = args[0] if inplace and args and torch.is_tensor(args[0]) else out
         if torch.is_tensor(target):
             if target.dtype in _FLOAT:
                 self._derived[id(target)] = (target, make(None))

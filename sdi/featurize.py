@@ -106,6 +106,7 @@ class _Pass:
         for p, feature in features.items():
             key, entry = use.slots[p]
             self._add(f._columns[p], self.plan.slots[key][entry], feature)
+        use.release()
 
 
 def _check_loss(loss: Any) -> torch.Tensor:

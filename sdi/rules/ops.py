@@ -22,6 +22,8 @@ table is drawn once from its shape (1-D: CountSketch; more dims: TensorSketch of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
@@ -43,6 +45,8 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _EMBEDDING = {F.embedding}
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+# The broadcast rule's reused product buffer is kept up to this size (one activation tensor).
+_SCRATCH_MAX_BYTES = 64 << 20
 
 
 def _batch_first(x: Batched) -> torch.Tensor:
@@ -51,9 +55,8 @@ def _batch_first(x: Batched) -> torch.Tensor:
 
 def _dense(use, g, operand: Operand, grad, params, out: dict) -> None:
     """Map ``grad`` (B, *operand) back onto the wanted params, adding into ``out``."""
-    for p, gp in operand.derived.backprop(
-        grad, [p for p in params if p in set(use.params)]
-    ).items():
+    counted = set(use.params)
+    for p, gp in operand.derived.backprop(grad, [p for p in params if p in counted]).items():
         out[p] = out[p] + gp if p in out else gp
 
 
@@ -63,6 +66,7 @@ class OpRules:
     def __init__(self, rules_of):
         self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
         self._sums = None
+        self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries
 
     @property
     def rules(self):
@@ -133,8 +137,9 @@ class OpRules:
         a, gt = tokens(_batch_first(x)), tokens(g)
         out: dict = {}
         view = matrix_view(w.derived)
-        wanted = [p for p in w.derived.params if p in set(use.params)]
-        if view is not None and view.param in set(use.params):
+        counted = set(use.params)
+        wanted = [p for p in w.derived.params if p in counted]
+        if view is not None and view.param in counted:
             flip = view.transposed != transposed
             out[view.param] = self._linear_block(view, a, gt, flip)
             wanted = [p for p in wanted if p is not view.param]
@@ -234,18 +239,35 @@ class OpRules:
         shape = (1,) * (nd - len(s.shape)) + tuple(s.shape)
         if len(s.shape) > nd or shape[use.out_dim] != 1:
             return None
+        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
         prod = g
         if use.func in _MUL:
             if x.tensor.dim() != nd or x.dim != use.out_dim:
                 return None
-            prod = g * x.tensor.movedim(x.dim, 0)
-        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
+            xt = x.tensor.movedim(x.dim, 0)
+            summed = xt.shape == g.shape and any(
+                n == 1 and k != 1 for n, k in zip(rest, g.shape[1:], strict=True)
+            )  # a product summed at once is a temporary: into a reused buffer
+            dtype = torch.result_type(g, xt)
+            buffer = self._temporary(g.shape, dtype, g.device) if summed else None
+            prod = torch.mul(g, xt, out=buffer)
         dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
         grad = reduced.reshape(g.shape[0], *s.shape)
         out: dict = {}
         _dense(use, g, s, grad, use.params, out)
         return out
+
+    def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
+        (a fresh one per use faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``."""
+        n = math.prod(shape)
+        if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=device)
+        buffer = self._scratch.get((dtype, device))
+        if buffer is None or buffer.numel() < n:
+            buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        return buffer[:n].view(shape)
 
 
 def _einsum_linear(use: OpUse):
