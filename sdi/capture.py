@@ -103,7 +103,7 @@ class OpUse:
         """Drop the recorded arguments once the use's features are computed: held to the end of
         the backward pass, they would keep every input activation alive that autograd frees as
         it goes, and the next batch's allocations would fault in fresh pages."""
-        self.args, self.kwargs, self.batched = (), {}, []
+        self.args, self.kwargs, self.output = (), {}, None
 
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""

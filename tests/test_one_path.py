@@ -76,10 +76,15 @@ def test_every_use_reaches_the_rules_as_one_kind_of_object(monkeypatch):
     model = Mixed().double()
     ids = torch.randint(0, V, (5, 7))
     seen: list[OpUse] = []
+    args: dict[str, tuple] = {}  # by use name: its recorded arguments (released after the rule)
     record = Featurizer._on_grad
-    monkeypatch.setattr(
-        Featurizer, "_on_grad", lambda self, use, g: (seen.append(use), record(self, use, g))
-    )
+
+    def spy(self, use, g):
+        seen.append(use)
+        args[use.name] = use.args
+        record(self, use, g)
+
+    monkeypatch.setattr(Featurizer, "_on_grad", spy)
     monkeypatch.setitem(RULES, Gain, GENERIC)  # a registered module-level rule
     got = _exact(model, [model], ids, _lm_loss)
     params = list(model.parameters())
@@ -92,7 +97,7 @@ def test_every_use_reaches_the_rules_as_one_kind_of_object(monkeypatch):
     assert sorted(by) == ["Gain", "LayerNorm", "embedding", "linear"]
     assert [u.module for u in seen if u.module is not None] == [model.gain, model.norm]
     assert by["LayerNorm"].params == (model.norm.weight, model.norm.bias)
-    x = by["Gain"].args[0]
+    x = args["Gain"][0]
     assert isinstance(x, Batched) and x.dim == 0 and x.tensor.shape == (5, 7, 2 * D - 1)
 
 
