@@ -9,6 +9,8 @@ use                         exact gradient / projected sketch
 ``F.linear``, ``@``,        weight ``G^T A`` / TensorSketch (FFT or, on CPU when cheaper, the
 linear ``einsum``           materialised gradient), whatever the module's class (``nn.Linear``,
                             ``CastedLinear``, a bank's slice); bias ``sum_tokens g`` / CountSketch
+``einsum``, ``@``, ``bmm``  one ``einsum(x, g -> b w)``: every group's ``G^T A`` / sketch of it
+with a 3+-D parameter       (per-head weights, grouped products)
 ``F.embedding``             ``sum_tokens onehot(id) (x) g`` / TensorSketch by signed shift
 broadcast ``x * s``, ``+``  ``g x`` / ``g`` summed over the broadcast dims (per-block vectors)
 any other operation         vjp of that one operation per example / sketch of the flattened gradient

@@ -6,6 +6,8 @@ operation                                   exact gradient / projected sketch
 ``F.linear(x, w, b)``, ``x @ w``: ``w`` a   ``G^T A`` written into the block's rows and columns
 block of a parameter (``w``, ``bank[i]``,   / TensorSketch with the block's rows of the table
 ``w.t()``, casts of them)                   (FFT, explicit GEMM on CPU, Triton), bias ``sum g``
+``einsum`` / ``@`` / ``bmm`` linear in a      one ``einsum(x, g -> b w)`` (every group's
+parameter of 3+ dims (per-head weights)     ``G^T A``) / sketch of it
 ``F.embedding(ids, w)``                     ``sum onehot(id) (x) g`` / signed shift
 ``x * s``, ``x + s`` (``s`` broadcast)      ``g x`` / ``g`` summed over the broadcast dims
 a call of a module served by a module-level its :class:`~sdi.rules.registry.ModuleRule`
@@ -42,6 +44,7 @@ SCALE_GRAD_BY_FREQ = (
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_BMM = {torch.bmm, torch.Tensor.bmm}
 _EMBEDDING = {F.embedding}
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
@@ -96,6 +99,8 @@ class OpRules:
         grads = None
         if use.func in _MUL or use.func in _ADD:
             grads = self._broadcast(use, g)
+        elif use.func is torch.einsum or use.func in _MATMUL or use.func in _BMM:
+            grads = _contraction(use, g)
         if grads is None:
             grads = op_vjp(use, g)
         return {p: self.finish(p, gp) for p, gp in grads.items()}
@@ -188,42 +193,18 @@ class OpRules:
         return None
 
     def _embedding(self, use: OpUse, g: torch.Tensor):
-        ids, w = use.args[0], use.args[1]
-        if not isinstance(ids, Batched) or not isinstance(w, Operand):
+        found = _embedding_inputs(use, g)
+        if found is None:
             return None
-        extra = dict(
-            zip(
-                ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
-                use.args[2:],
-                strict=False,
-            )
-        )
-        extra.update(use.kwargs)
-        if extra.get("scale_grad_by_freq"):
-            raise NotImplementedError(SCALE_GRAD_BY_FREQ)
-        if extra.get("max_norm") is not None:
-            return None
-        view = matrix_view(w.derived)
-        if view is None or not view.whole or use.params != (view.param,):
-            return None
-        idx = _batch_first(ids)
-        idx = idx.reshape(idx.shape[0], -1).long()
-        gt = tokens(g)
-        pad = extra.get("padding_idx")
-        if pad is not None:
-            gt = gt * (idx != pad % view.param.shape[0]).unsqueeze(-1).to(gt.dtype)
-        p = view.param
+        p, idx, gt = found
         if self.rules.exact:
             B, V = idx.shape[0], p.shape[0]
             rows = idx + V * torch.arange(B, device=idx.device).unsqueeze(1)
             dense = torch.zeros(B * V, gt.shape[-1], device=gt.device)
             dense.index_add_(0, rows.reshape(-1), gt.reshape(-1, gt.shape[-1]).float())
             return {p: dense.reshape(B, -1)}
-        return {
-            p: self._sketched(
-                p, self.rules.backend.tensor_sketch_embedding(idx, gt, self.rules.tables[p])
-            )
-        }
+        table = self.rules.tables[p]
+        return {p: self._sketched(p, self.rules.backend.tensor_sketch_embedding(idx, gt, table))}
 
     def _broadcast(self, use: OpUse, g: torch.Tensor):
         """``x * s`` / ``x + s``: the gradient w.r.t. ``s`` is ``g x`` / ``g`` summed over the dims
@@ -296,6 +277,100 @@ def _einsum_linear(use: OpUse):
     if ws == contracted + produced:
         return args[0], args[1], True
     return None, None, False
+
+
+def _embedding_inputs(use: OpUse, g: torch.Tensor):
+    """``(table, ids (B, T), grad-outputs (B, T, d))`` of ``F.embedding(ids, w)`` with ``w`` a whole
+    parameter (padding rows' grads zeroed, as torch gives them none); ``None`` for other forms
+    (``max_norm``: the vjp); ``scale_grad_by_freq`` is refused."""
+    ids, w = use.args[0], use.args[1]
+    if not isinstance(ids, Batched) or not isinstance(w, Operand):
+        return None
+    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    extra = dict(zip(names, use.args[2:], strict=False))
+    extra.update(use.kwargs)
+    if extra.get("scale_grad_by_freq"):
+        raise NotImplementedError(SCALE_GRAD_BY_FREQ)
+    if extra.get("max_norm") is not None:
+        return None
+    view = matrix_view(w.derived)
+    if view is None or not view.whole or use.params != (view.param,):
+        return None
+    idx = _batch_first(ids)
+    idx = idx.reshape(idx.shape[0], -1).long()
+    gt = tokens(g)
+    pad = extra.get("padding_idx")
+    if pad is not None:
+        gt = gt * (idx != pad % view.param.shape[0]).unsqueeze(-1).to(gt.dtype)
+    return view.param, idx, gt
+
+
+def _contraction(use: OpUse, g: torch.Tensor) -> dict | None:
+    """``einsum(spec, x, w)``, ``x @ w`` / ``bmm`` with ``w`` of 3 or more dims (per-head weights
+    ``"bhti,hio->bhto"``, grouped products): the per-example gradient w.r.t. ``w`` is one
+    ``einsum(x, g -> b w)`` -- the batched ``G^T A`` of every group at once, then mapped back onto
+    the parameters. ``None`` where the use is not of that form (the batch contracted, a repeated
+    letter, a broadcast ``w``, more operands): the operation's vjp then."""
+    spec = _contraction_spec(use)
+    if spec is None:
+        return None
+    (xs, ws, out), x, w = spec
+    batch = xs[x.dim]
+    if batch not in out or batch in ws or len(set(ws)) != len(ws) or len(set(xs)) != len(xs):
+        return None
+    if any(c not in xs and c not in out for c in ws):
+        return None  # a letter of w summed over alone: not a product with the activations
+    out_first = out[use.out_dim] + out[: use.out_dim] + out[use.out_dim + 1 :]  # g is batch first
+    grad = torch.einsum(f"{xs},{out_first}->{batch}{ws}", x.tensor.float(), g.float())
+    dense: dict = {}
+    _dense(use, g, w, grad, use.params, dense)
+    return dense
+
+
+def _contraction_spec(use: OpUse):
+    """``((x letters, w letters, output letters), x, w)`` of an einsum of one per-example operand
+    and one parameter-derived operand, or of ``x @ w`` / ``bmm(x, w)`` with ``w`` 3-D or more."""
+    if use.kwargs:
+        return None
+    if use.func is torch.einsum:
+        args = (
+            use.args[1:] if len(use.args) == 3 else tuple(use.args[1]) if len(use.args) == 2 else ()
+        )
+        if len(args) != 2 or not isinstance(use.args[0], str):
+            return None
+        text = use.args[0].replace(" ", "")
+        if "->" not in text or "." in text or len(text.split("->")[0].split(",")) != 2:
+            return None
+        ins, out = text.split("->")
+        subs = ins.split(",")
+    else:
+        args = use.args
+        if len(args) != 2 or not all(isinstance(a, (Batched, Operand)) for a in args):
+            return None
+        shapes = [a.tensor.shape if isinstance(a, Batched) else a.shape for a in args]
+        weight = shapes[0] if isinstance(args[0], Operand) else shapes[1]
+        if min(len(shapes[0]), len(shapes[1])) < 2 or len(weight) < 3:
+            return None  # a 2-D weight is the Linear rule's (or, declined there, the vjp's)
+        letters = "abcdefghijklmnopqrstuvw"
+        n = max(len(shapes[0]), len(shapes[1]))
+        lead = letters[: n - 2]
+        a, b = lead[n - len(shapes[0]) :], lead[n - len(shapes[1]) :]
+        if any(shapes[0][i] != shapes[1][j] for i, j in _shared(a, b)):
+            return None  # a size-1 dimension broadcast against the other operand
+        subs, out = [a + "xy", b + "yz"], lead + "xz"
+    (xs, ws), (x, w) = subs, args
+    if isinstance(x, Operand):
+        (xs, ws), (x, w) = (ws, xs), (w, x)
+    if not isinstance(x, Batched) or not isinstance(w, Operand) or len(w.shape) < 2:
+        return None
+    if len(ws) != len(w.shape) or len(xs) != x.tensor.dim():
+        return None
+    return (xs, ws, out), x, w
+
+
+def _shared(a: str, b: str) -> list[tuple[int, int]]:
+    """Index pairs of the letters two operands' leading dims share."""
+    return [(a.index(c), b.index(c)) for c in a if c in b]
 
 
 def _rows(table: CountSketchHash, start: int, stop: int) -> CountSketchHash:
