@@ -367,10 +367,21 @@ class CaptureMode(TorchFunctionMode):
         return tree_unflatten(items, spec)
 
 
-def batch_dim(mode: CaptureMode, t: torch.Tensor) -> int | None:
-    """The batch dimension of ``t`` by data flow (``None``: unknown, or not per-example)."""
-    mark = getattr(t, _TAG, None)
-    return mark[1] if mark is not None and mark[0] is mode.token else None
+def settle_output(mode: CaptureMode, out: torch.Tensor, new: torch.Tensor, dim: int) -> int | None:
+    """After a module's call: the batch dimension of its output ``out`` by the data flow (``None``:
+    unknown, or not per-example), passed on to ``new``, the tensor handed on in its place (a
+    leaf, a clone). Where the data flow lost it (an MoE block's routed tokens summed back) and
+    ``out`` has the batch's size on the declared dimension ``dim``, it is that dimension again --
+    the layout every module call is held to -- so the modules after the block see it."""
+    mark = getattr(out, _TAG, None)
+    if mark is None or mark[0] is not mode.token:
+        return None
+    if mark[1] is None and out.dim() > dim and out.shape[dim] == mode.batch_size:
+        mark = (mark[0], dim, mark[2])
+    setattr(out, _TAG, mark)
+    if new is not out:
+        setattr(new, _TAG, mark)
+    return mark[1]
 
 
 def inputs_usable(mode: CaptureMode, inputs, dim: int) -> bool:

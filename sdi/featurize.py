@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
-from .capture import CaptureMode, OpUse, batch_dim, inputs_usable, module_use
+from .capture import CaptureMode, OpUse, inputs_usable, module_use, settle_output
 from .diagnose import (
     SCALAR_SUM_LOSS,
     never_ran_error,
@@ -200,8 +201,7 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
         keep_output=[m for m, r in chosen.module_rules.items() if f.strict and r.keeps_output],
         owners=every_owner,
         root=f.model,
-        declared=chosen.targets,
-        check_output=f._check_output,
+        on_output=f._on_output,
     )
     scope = ParamScope(
         names=chosen.names,
@@ -282,10 +282,20 @@ class Featurizer:
             self._mode.seed((args, kwargs), self._seed_dim)
         return None
 
-    def _check_output(self, module: nn.Module, out: torch.Tensor) -> None:
-        """A selected module's output must have the batch on the declared dimension."""
-        dim = batch_dim(self._mode, out) if self._mode is not None else None
-        if dim is not None and dim != (0 if self.batch_first else 1):
+    def _on_output(self, module: nn.Module, out, new: torch.Tensor | None) -> None:
+        """A hooked module's output (``new`` handed on in its place), or its call's inputs
+        (``new=None``): a selected module's output must have the batch on the declared dimension
+        (by the data flow, where it knows)."""
+        if self._mode is None:
+            return
+        bd = 0 if self.batch_first else 1
+        if new is None:
+            for x in tree_flatten(out)[0]:
+                if isinstance(x, torch.Tensor):
+                    settle_output(self._mode, x, x, bd)
+            return
+        dim = settle_output(self._mode, out, new, bd)
+        if dim is not None and dim != bd and module in self.scope.targets:
             raise SeedLayout(module, dim)
 
     @property

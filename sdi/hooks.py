@@ -135,9 +135,9 @@ class HookManager:
             in :attr:`OpUse.output` (the generic rule checks its recompute against it).
         owners: the modules owning selected parameters (a change of their buffers is recorded).
         root: the model: operations directly in its forward are not grouped into one use.
-        declared, check_output: ``check_output(module, first tensor output)`` after each call of
-            a ``declared`` module (the selected ones, whose outputs the declared batch layout
-            describes).
+        on_output: ``on_output(module, first tensor output, the tensor handed on in its place)``
+            after each recorded call of a hooked module, and ``on_output(module, (args, kwargs),
+            None)`` before it.
     """
 
     def __init__(
@@ -150,8 +150,7 @@ class HookManager:
         keep_output: Sequence[nn.Module] = (),
         owners: Sequence[nn.Module] = (),
         root: nn.Module | None = None,
-        declared: Sequence[nn.Module] = (),
-        check_output: Callable[[nn.Module, torch.Tensor], None] | None = None,
+        on_output: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
     ):
         self._on_grad, self._make_use = on_grad, make_use
         self._batch_dim = batch_dim
@@ -163,7 +162,7 @@ class HookManager:
         self._rule_modules = set(modules)
         self._owners = set(owners) | self._rule_modules
         self.root = root
-        self._declared, self._check_output = set(declared), check_output
+        self._on_output = on_output
         self._handles: dict[nn.Module, list] = {}
         for m in modules:
             self._hook(m, self._forward_hook)
@@ -249,6 +248,8 @@ class HookManager:
         if self._recording():
             versions = _buffer_versions(module) if module in self._owners else []
             self._stack.append((module, self.log.tick(), versions, (args, kwargs)))
+            if self._on_output is not None:
+                self._on_output(module, (args, kwargs), None)
         return None
 
     def _exit(self, module: nn.Module) -> tuple[int, int] | None:
@@ -278,12 +279,10 @@ class HookManager:
     def _span_hook(self, module: nn.Module, inputs: tuple, output):
         if self._recording():
             self._exit(module)
-            self._checked(module, _first_tensor(output))
+            out = _first_tensor(output)
+            if out is not None and self._on_output is not None:
+                self._on_output(module, out, out)
         return None
-
-    def _checked(self, module: nn.Module, out: torch.Tensor | None) -> None:
-        if out is not None and module in self._declared and self._check_output is not None:
-            self._check_output(module, out)
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self._recording():
@@ -291,7 +290,6 @@ class HookManager:
         log = self.log
         span = self._exit(module)
         out = _first_tensor(output)
-        self._checked(module, out)
         if span is None or out is None or not out.is_floating_point():
             return None
         use = log.add_entry(module, *span)
@@ -304,6 +302,8 @@ class HookManager:
             op.output = out.detach().clone()
         watched = watch_other_outputs(type(module).__name__, output, out)
         new = watch_grad(out, lambda grad: self._on_grad(op, grad))
+        if self._on_output is not None:
+            self._on_output(module, out, new)
         if new is out and watched is output:
             return None
         if torch.is_tensor(watched):

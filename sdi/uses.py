@@ -62,7 +62,7 @@ class ParamScope(Scope):
     ):
         self._by_id = {id(p): p for p in names}
         self._names, self.selected, self._owners = names, selected, owners
-        self.module_rule_owner, self._targets = module_rule_owner, targets
+        self.module_rule_owner, self.targets = module_rule_owner, targets
         self.hooks, self._on_grad, self.strict = hooks, on_grad, strict
         self.trainable: set[int] = set()  # ids of the parameters trainable before featurising
         self.found: set = set()  # parameters found in use inside selected calls
@@ -94,7 +94,7 @@ class ParamScope(Scope):
         if p in self.selected:
             owner = self.module_rule_owner.get(p)
             return owner is None or not self.hooks.active(owner)
-        inside = self.hooks.active_any(self._targets)
+        inside = self.hooks.active_any(self.targets)
         if p in self.found:
             return inside
         if inside and id(p) in self.trainable:

@@ -347,3 +347,44 @@ def test_an_hf_moe_block_on_flattened_tokens_equals_per_example_autograd():
     want = _per_example_grads(model, params, ids, loss)
     rel = float((got.double() - want.double()).norm() / want.double().norm())
     assert rel < 1e-5, rel
+
+
+class ScaleNorm(nn.Module):
+    """RMS-normalised ``x * w``: captured at the broadcast product."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+
+class AfterAnMoE(nn.Module):
+    """An unselected MoE layer, then the selected layer: its input comes from routed tokens summed
+    back, a batch the data flow cannot follow; the selected call's layout gives it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.moe = SharedExpertMoE(D, 7, experts=3)
+        self.layer = nn.Sequential(ScaleNorm(D), nn.Linear(D, D))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.moe(x)
+        return self.layer(x)
+
+
+def test_the_batch_lost_in_an_unselected_moe_is_the_declared_one_at_the_selected_call():
+    torch.manual_seed(6)
+    model = AfterAnMoE().double().eval()
+    ids = torch.randint(0, V, (3, 5))
+    f = Featurizer(model=model, target_modules=model.layer, projection_size=None)
+    try:
+        got, _ = f.compute_batch(ids, _lm_loss, sum_steps=True)
+        assert f._fallbacks == []  # every use captured at its operation: none recomputed
+    finally:
+        f.close()
+    want = _per_example_grads(model, list(model.layer.parameters()), ids, _lm_loss)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-8)

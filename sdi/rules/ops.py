@@ -135,6 +135,8 @@ class OpRules:
             x, w = use.args[0], use.args[1]
             bias = use.args[2] if len(use.args) > 2 else use.kwargs.get("bias")
             transposed = use.func in _MATMUL  # x @ w is linear(x, w.t())
+            if not isinstance(x, Batched):  # w @ x: the vjp
+                return None
             if transposed and (x.tensor.dim() < 2 or bias is not None or use.kwargs):
                 return None
         if not isinstance(x, Batched) or not isinstance(w, Operand) or len(w.shape) != 2:
