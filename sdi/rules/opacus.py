@@ -7,20 +7,27 @@ CountSketch of the flattened gradient. ``opacus.grad_sample.register_grad_sample
 from __future__ import annotations
 
 import torch
-from opacus.grad_sample.grad_sample_module import GradSampleModule
 
 from ..freezing import requires_grad_set
 from .registry import ModuleRule, Use
 
 
+def grad_samplers() -> dict:
+    """Opacus' registry of grad samplers by module type (imported on first use: importing Opacus
+    takes longer than importing the rest of sdi)."""
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+
+    return GradSampleModule.GRAD_SAMPLERS
+
+
 class OpacusRule(ModuleRule):
     def check(self, module, param, *, exact: bool) -> str | None:
-        if type(module) not in GradSampleModule.GRAD_SAMPLERS:
+        if type(module) not in grad_samplers():
             return "Opacus has no grad sampler for this module type"
         return None
 
     def grads(self, module, params, use: Use) -> list[torch.Tensor]:
-        sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
+        sampler = grad_samplers()[type(module)]
         # Opacus' samplers skip parameters that do not require grad; featurisation froze them all.
         with requires_grad_set(params, True):
             grads = sampler(module, use.activations, use.grad)

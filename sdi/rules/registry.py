@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from opacus.grad_sample.grad_sample_module import GradSampleModule
 
 from ..sketch import CountSketchHash, TensorSketchHash, draw_count_sketch
 
@@ -130,12 +129,12 @@ def register_rule(module_type: type, rule: ModuleRule | type[ModuleRule] | None 
 def rule_for(module: nn.Module) -> ModuleRule:
     """The rule that computes ``module``'s per-example gradients (lookup order: module docstring)."""
     from .generic import GENERIC
-    from .opacus import OPACUS
+    from .opacus import OPACUS, grad_samplers
 
     kind = type(module)
     if kind in RULES:
         return RULES[kind]
-    if kind in GradSampleModule.GRAD_SAMPLERS and kind not in OPERATION_RULES:
+    if kind in grad_samplers() and kind not in OPERATION_RULES:
         return OPACUS
     for base in kind.__mro__[1:]:
         if base in RULES and kind.forward is base.forward:
