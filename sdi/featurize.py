@@ -201,7 +201,8 @@ def _capture(f: Featurizer, chosen) -> tuple[HookManager, ParamScope]:
         keep_output=[m for m, r in chosen.module_rules.items() if f.strict and r.keeps_output],
         owners=every_owner,
         root=f.model,
-        on_output=f._on_output,
+        on_call=partial(_settle_call, f),
+        on_output=partial(_settle_output, f),
     )
     scope = ParamScope(
         names=chosen.names,
@@ -281,22 +282,6 @@ class Featurizer:
         if self._mode is not None and self._seed_model_args:
             self._mode.seed((args, kwargs), self._seed_dim)
         return None
-
-    def _on_output(self, module: nn.Module, out, new: torch.Tensor | None) -> None:
-        """A hooked module's output (``new`` handed on in its place), or its call's inputs
-        (``new=None``): a selected module's output must have the batch on the declared dimension
-        (by the data flow, where it knows)."""
-        if self._mode is None:
-            return
-        bd = 0 if self.batch_first else 1
-        if new is None:
-            for x in tree_flatten(out)[0]:
-                if isinstance(x, torch.Tensor):
-                    settle_output(self._mode, x, x, bd)
-            return
-        dim = settle_output(self._mode, out, new, bd)
-        if dim is not None and dim != bd and module in self.scope.targets:
-            raise SeedLayout(module, dim)
 
     @property
     def closed(self) -> bool:
@@ -422,6 +407,28 @@ class Featurizer:
         return FeatureSet(
             {b.name: flat[:, :, b.columns].reshape(n, steps, *b.shape) for b in self.blocks}, steps
         )
+
+
+def _settle_call(f: Featurizer, module: nn.Module, inputs: tuple) -> None:
+    """A hooked module's call begins: its per-example inputs are held to the declared layout
+    where the data flow lost their batch (:func:`sdi.capture.settle_output`)."""
+    if f._mode is not None:
+        bd = 0 if f.batch_first else 1
+        for x in tree_flatten(inputs)[0]:
+            if isinstance(x, torch.Tensor):
+                settle_output(f._mode, x, x, bd)
+
+
+def _settle_output(f: Featurizer, module: nn.Module, out: torch.Tensor, new: torch.Tensor) -> None:
+    """A hooked module's output (``new`` handed on in its place): held to the declared layout
+    likewise; a selected module's must have the batch on the declared dimension (by the data
+    flow, where it knows)."""
+    if f._mode is None:
+        return
+    bd = 0 if f.batch_first else 1
+    dim = settle_output(f._mode, out, new, bd)
+    if dim is not None and dim != bd and module in f.scope.targets:
+        raise SeedLayout(module, dim)
 
 
 def _lay_out(f: Featurizer, found: list) -> Selection:

@@ -125,7 +125,7 @@ class HookManager:
             an :class:`sdi.capture.OpUse` of the module (made by ``make_use``; ``use.slots`` place
             it on the timeline), ``grad_output`` is d loss / d (first tensor output), detached.
         make_use: ``make_use(module, args, kwargs, batch_dim, batch)`` -> the call's :class:`OpUse`
-            (:meth:`sdi.capture.CaptureMode.module_use`), keyword arguments of ``forward``'s
+            (:func:`sdi.capture.module_use`), keyword arguments of ``forward``'s
             positional parameters moved into ``args``.
         batch_dim: the batch dimension of the module outputs (0 for batch-first).
         span_modules: further modules whose calls are only timed (enter/exit ticks): the owners of
@@ -135,9 +135,9 @@ class HookManager:
             in :attr:`OpUse.output` (the generic rule checks its recompute against it).
         owners: the modules owning selected parameters (a change of their buffers is recorded).
         root: the model: operations directly in its forward are not grouped into one use.
-        on_output: ``on_output(module, first tensor output, the tensor handed on in its place)``
-            after each recorded call of a hooked module, and ``on_output(module, (args, kwargs),
-            None)`` before it.
+        on_call, on_output: ``on_call(module, (args, kwargs))`` before each recorded call of a
+            hooked module, ``on_output(module, first tensor output, the tensor handed on in its
+            place)`` after it.
     """
 
     def __init__(
@@ -150,6 +150,7 @@ class HookManager:
         keep_output: Sequence[nn.Module] = (),
         owners: Sequence[nn.Module] = (),
         root: nn.Module | None = None,
+        on_call: Callable[[nn.Module, tuple], None] | None = None,
         on_output: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None,
     ):
         self._on_grad, self._make_use = on_grad, make_use
@@ -162,7 +163,7 @@ class HookManager:
         self._rule_modules = set(modules)
         self._owners = set(owners) | self._rule_modules
         self.root = root
-        self._on_output = on_output
+        self._on_call, self._on_output = on_call, on_output
         self._handles: dict[nn.Module, list] = {}
         for m in modules:
             self._hook(m, self._forward_hook)
@@ -248,8 +249,8 @@ class HookManager:
         if self._recording():
             versions = _buffer_versions(module) if module in self._owners else []
             self._stack.append((module, self.log.tick(), versions, (args, kwargs)))
-            if self._on_output is not None:
-                self._on_output(module, (args, kwargs), None)
+            if self._on_call is not None:
+                self._on_call(module, (args, kwargs))
         return None
 
     def _exit(self, module: nn.Module) -> tuple[int, int] | None:
