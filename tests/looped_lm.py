@@ -144,12 +144,21 @@ def lm_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def per_example_grads(model: nn.Module, params, loss_fn, batches) -> torch.Tensor:
-    """Plain autograd, one example at a time, in eval mode: ``(N, P)`` flattened over ``params``."""
+    """Plain autograd, one example at a time, in eval mode: ``(N, P)`` flattened over ``params``
+    (zero for a parameter an example does not reach, as an MoE expert it is not routed to).
+    A batch is a dict of tensors or one tensor, the examples along dimension 0."""
     rows = []
     for batch in batches:
-        for i in range(next(iter(batch.values())).shape[0]):
-            one = {k: v[i : i + 1] for k, v in batch.items()}
-            grads = torch.autograd.grad(loss_fn(model, one).sum(), params)
+        first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+        for i in range(first.shape[0]):
+            if isinstance(batch, dict):
+                one = {k: v[i : i + 1] for k, v in batch.items()}
+            else:
+                one = batch[i : i + 1]
+            grads = torch.autograd.grad(loss_fn(model, one).sum(), params, allow_unused=True)
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+            ]
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 

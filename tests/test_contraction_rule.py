@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from looped_lm import per_example_grads
 
 from sdi import FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.featurize import Featurizer
@@ -68,15 +69,7 @@ def _loss(model, ids):
 
 
 def _per_example(model, ids) -> torch.Tensor:
-    params = list(model.core.parameters())
-    rows = []
-    for i in range(ids.shape[0]):
-        grads = torch.autograd.grad(_loss(model, ids[i : i + 1]).sum(), params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-        ]
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
+    return per_example_grads(model, list(model.core.parameters()), _loss, [ids])
 
 
 @pytest.mark.parametrize("form", ["einsum", "matmul"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from looped_lm import per_example_grads
 
 from sdi import FullGradientTracInSDI
 from sdi.capture import _TAG, Batched, CaptureMode, OpUse, Scope
@@ -23,15 +24,7 @@ V, D = 11, 6
 
 def _per_example_grads(model, params, ids, loss_of) -> torch.Tensor:
     """``(B, sum numel)``: d loss_i / d params, one example at a time (a batch of one)."""
-    rows = []
-    for i in range(ids.shape[0]):
-        loss = loss_of(model, ids[i : i + 1]).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)  # an expert not routed to
-        grads = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-        ]
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
+    return per_example_grads(model, params, loss_of, [ids])
 
 
 def _exact(model, targets, ids, loss_of, **kw) -> torch.Tensor:
