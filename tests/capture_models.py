@@ -87,12 +87,15 @@ class FunctionalConvBlock(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
-class FunctionalChildLM(nn.Module):
-    def __init__(self, tau: int = 3):
+class _CoreLM(nn.Module):
+    """Embedding, ``make_core()`` applied ``tau`` times, RMS-normalised untied head (built in that
+    order, so one seed gives the same weights)."""
+
+    def __init__(self, make_core, tau: int):
         super().__init__()
         self.tau = tau
         self.embed = nn.Embedding(VOCAB, D)
-        self.core = FunctionalConvBlock(D, FF)
+        self.core = make_core()
         self.head = nn.Linear(D, VOCAB, bias=False)
         _perturb(self.core)
 
@@ -101,6 +104,11 @@ class FunctionalChildLM(nn.Module):
         for _ in range(self.tau):
             x = self.core(x)
         return self.head(_rms(x))
+
+
+class FunctionalChildLM(_CoreLM):
+    def __init__(self, tau: int = 3):
+        super().__init__(lambda: FunctionalConvBlock(D, FF), tau)
 
 
 # (b), (g) -------------------------------------------------------------------------------------
@@ -395,20 +403,9 @@ class KeywordBlock(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
-class KeywordLM(nn.Module):
+class KeywordLM(_CoreLM):
     def __init__(self, reparametrised: bool = False, inline_norm: bool = False, tau: int = 3):
-        super().__init__()
-        self.tau = tau
-        self.embed = nn.Embedding(VOCAB, D)
-        self.core = KeywordBlock(D, HEADS, FF, reparametrised, inline_norm)
-        self.head = nn.Linear(D, VOCAB, bias=False)
-        _perturb(self.core)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for _ in range(self.tau):
-            x = self.core(x)
-        return self.head(_rms(x))
+        super().__init__(lambda: KeywordBlock(D, HEADS, FF, reparametrised, inline_norm), tau)
 
 
 # --------------------------------------------------------------------------------------------
