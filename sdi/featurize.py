@@ -95,11 +95,11 @@ class _Pass:
         if shown is not None:
             grad = shown(grad)
         try:
-            with f.hooks.paused():  # a rule may re-run a module's forward
-                if self.sums is not None:  # what the sums do not hold goes to the sum directly
-                    for p, feature in f.op_rules.features(use, grad, self.sums).items():
-                        self.out_sum[:, f._columns[p]] += feature
-                features = f.op_rules.features(use, grad) if self.per_use else {}
+            # (the backward runs with the hooks paused: a rule re-running a forward records nothing)
+            if self.sums is not None:  # what the sums do not hold goes to the sum directly
+                for p, feature in f.op_rules.features(use, grad, self.sums).items():
+                    self.out_sum[:, f._columns[p]] += feature
+            features = f.op_rules.features(use, grad) if self.per_use else {}
         except RuntimeError as err:
             names = f.scope.names(use.params)
             what = use.name if use.module is not None else f"used by {use.name}"
@@ -386,7 +386,8 @@ class Featurizer:
                 _warn_scalar_sum(self)
             state = self._pass = _new_pass(self, plan, B, per_step, summed)
             try:
-                with self.hooks.paused():  # a recompute in backward (checkpointing) is no use
+                # A recompute in backward (checkpointing, a rule re-running a forward) is no use.
+                with self.hooks.paused():
                     loss.backward()
             finally:
                 self._pass = None
