@@ -188,12 +188,16 @@ class Scope:
 class CaptureMode(TorchFunctionMode):
     """Tracks parameter-derived and per-example tensors; hands every use to ``scope``."""
 
-    def __init__(self, scope: Scope):
+    def __init__(self, scope: Scope, derivations: dict | None = None):
         super().__init__()
         self.scope = scope
         self.token = object()
         self.batch_size: int | None = None  # of the seeds
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
+        # Derivations by (parameter or earlier derivation, step): one object for each way the
+        # model computes from a parameter, shared by the batches of a featuriser (``derivations``
+        # kept across modes), so that its shortcuts are worked out once (sdi.derived).
+        self._derivations = {} if derivations is None else derivations
 
     def seed(self, x, dim: int) -> int:
         """Mark the tensors in ``x`` (the batch, the model's arguments) as per-example; how many.
@@ -210,7 +214,9 @@ class CaptureMode(TorchFunctionMode):
         p = self.scope.param_of(t)
         if p is None:
             return None
-        derived = Derived((p,))
+        derived = self._derivations.get(p)
+        if derived is None:
+            derived = self._derivations[p] = Derived((p,))
         self._derived[id(t)] = (t, derived)
         return derived
 
@@ -289,9 +295,8 @@ class CaptureMode(TorchFunctionMode):
             and args
             and args[0] is tracked[0][0]
         ):
-            before = tracked[0][1]
-            derived = None  # built per output below
-            make = lambda index: before.then(Step(step_func, *template(args, kwargs, 0), index))  # noqa: E731
+            before, derived, known = tracked[0][1], None, self._derivations  # built per output
+            make = lambda index: _then(known, before, func, step_func, args, kwargs, index)  # noqa: E731
         else:
             derived = _combined(step_func, args, kwargs, tracked)
             make = lambda index: derived if index is None else _pick(derived, index)  # noqa: E731
@@ -345,7 +350,11 @@ class CaptureMode(TorchFunctionMode):
         rec_args, rec_kwargs = _map(record, args), {k: _map1(record, v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
         out_dim = self._tag_outputs(func, args, kwargs, batched, out)
-        first = next((o for o in tree_flatten(out)[0] if torch.is_tensor(o)), None)
+        first = (
+            out
+            if isinstance(out, torch.Tensor)
+            else next((o for o in tree_flatten(out)[0] if torch.is_tensor(o)), None)
+        )
         if first is None or first.dtype not in _FLOAT:
             raise RuntimeError(
                 f"{_op_name(func)} uses {self.scope.names(params)} but returns no "
@@ -435,6 +444,53 @@ def module_use(
     rec_args = tuple(tree_map(record, a) for a in args)
     rec_kwargs = {k: tree_map(record, v) for k, v in kwargs.items()}
     return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim)
+
+
+def _then(derivations: dict, before: Derived, func, step_func, args, kwargs, index) -> Derived:
+    """``before`` followed by ``step_func`` (``func``, or its replay on a copy): one object per
+    derivation, kept in ``derivations``, where the step's other arguments are constants."""
+    key = _constant_key(args[1:], kwargs)
+    if key is None:
+        return before.then(Step(step_func, *template(args, kwargs, 0), index))
+    key = (before, func, step_func is not func, key, index)
+    derived = derivations.get(key)
+    if derived is None:
+        if len(derivations) > _MAX_DERIVATIONS:  # constants that vary by batch
+            derivations.clear()
+        derived = derivations[key] = before.then(Step(step_func, *template(args, kwargs, 0), index))
+    return derived
+
+
+class _NotConstant(Exception):
+    pass
+
+
+_MAX_DERIVATIONS = 4096
+_CONSTANT_TYPES = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
+
+
+def _constant(x):
+    """``x`` as a hashable key, its type kept (``x[True]`` is not ``x[1]``); raises
+    :class:`_NotConstant` for a tensor or anything else that may change between calls."""
+    if x is None or x is Ellipsis:
+        return x
+    if isinstance(x, float):
+        return (float, repr(x))  # -0.0 is not 0.0; nan equals itself
+    if isinstance(x, _CONSTANT_TYPES):
+        return (type(x), x)
+    if isinstance(x, slice):
+        return (slice, _constant(x.start), _constant(x.stop), _constant(x.step))
+    if isinstance(x, (tuple, list)):
+        return (type(x), *(_constant(y) for y in x))
+    raise _NotConstant
+
+
+def _constant_key(args: tuple, kwargs: dict):
+    """A key for a step's arguments beside its input, ``None`` where they are not constants."""
+    try:
+        return _constant(args), _constant(sorted(kwargs.items()))
+    except _NotConstant:
+        return None
 
 
 def _fresh_float(out) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -126,7 +127,7 @@ class Derived:
             return Derived(self.params, self.steps + (step,))
         return Derived(self.params, combine=lambda v, f=self.combine: step.apply(f(v)))
 
-    @property
+    @cached_property
     def plain(self) -> bool:
         """Casts and reshapes of one parameter: a gradient maps back by a reshape."""
         if self.combine is not None:
@@ -143,10 +144,17 @@ class Derived:
         """For one parameter and steps that only pick, move or repeat its elements (indexing,
         views, transposes, expands; casts): the flat index in the parameter of each element of
         this tensor (int64, this tensor's shape), so that a gradient maps back by a scatter-add.
-        ``None`` for any other step."""
+        ``None`` for any other step. Kept per device: a derivation is reused across batches
+        (:class:`sdi.capture.CaptureMode`)."""
         if self.combine is not None:
             return None
         p = self.params[0]
+        kept = self.__dict__.get("_sources")
+        if kept is None or kept[0] != p.device:
+            kept = self.__dict__["_sources"] = (p.device, self._element_sources(p))
+        return kept[1]
+
+    def _element_sources(self, p: nn.Parameter) -> torch.Tensor | None:
         x = torch.arange(p.numel(), device=p.device).view(p.shape)
         for step in self.steps:
             if step.name in _CASTS or step.func == _DATA:
@@ -157,6 +165,11 @@ class Derived:
                 return None  # ``view(dtype)`` reinterprets bits: no element picks
             x = step.apply(x)
         return x
+
+    @cached_property
+    def block(self) -> MatrixView | None:
+        """The block of its parameter this is, when it is one (:func:`matrix_view`)."""
+        return matrix_view(self)
 
     def slice_index(self) -> int | None:
         """``i`` when this is ``bank[i]`` (first step an integer index of a parameter of >= 2 dims):

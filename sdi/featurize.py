@@ -90,7 +90,8 @@ class _Pass:
         use.check_unchanged()
         if self.scale != 1.0:
             grad = grad * self.scale
-        grad = grad.movedim(use.out_dim, 0)
+        if use.out_dim != 0:
+            grad = grad.movedim(use.out_dim, 0)
         shown = getattr(f.rules, "shown_grad", None)  # explain's position masks
         if shown is not None:
             grad = shown(grad)
@@ -261,6 +262,7 @@ class Featurizer:
 
         self._targets, self._sketch = target_modules, (projection_size, seed, backend)
         self._fallbacks: list[nn.Module] = []
+        self._derivations: dict = {}  # shared by the batches' captures (sdi.capture.CaptureMode)
         chosen = _lay_out(self, [])
         self.device = _device(model, chosen)
         self._pass: _Pass | None = None
@@ -363,7 +365,7 @@ class Featurizer:
         self.scope.trainable = {id(p) for p in params if p.requires_grad}
         bd = 0 if self.batch_first else 1
         with requires_grad_set(params, False), self.hooks.capture() as log:
-            with CaptureMode(self.scope) as mode:
+            with CaptureMode(self.scope, self._derivations) as mode:
                 self._mode = mode
                 try:
                     self._seed_model_args = mode.seed(batch, self._seed_dim) == 0
@@ -415,9 +417,11 @@ def _settle_call(f: Featurizer, module: nn.Module, inputs: tuple) -> None:
     where the data flow lost their batch (:func:`sdi.capture.settle_output`)."""
     if f._mode is not None:
         bd = 0 if f.batch_first else 1
-        for x in tree_flatten(inputs)[0]:
-            if isinstance(x, torch.Tensor):
-                settle_output(f._mode, x, x, bd)
+        args, kwargs = inputs
+        for a in (*args, *kwargs.values()):
+            for x in (a,) if isinstance(a, torch.Tensor) else tree_flatten(a)[0]:
+                if isinstance(x, torch.Tensor):
+                    settle_output(f._mode, x, x, bd)
 
 
 def _settle_output(f: Featurizer, module: nn.Module, out: torch.Tensor, new: torch.Tensor) -> None:

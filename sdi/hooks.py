@@ -111,8 +111,20 @@ def _first_tensor(output) -> torch.Tensor | None:
     return None
 
 
-def _buffer_versions(module: nn.Module) -> list[tuple[str, int]]:
-    return [(name, b._version) for name, b in module.named_buffers()]
+def _buffer_versions(module: nn.Module, places: dict) -> list[tuple[str, int]]:
+    """The versions of ``module``'s buffers by name. Where they are is looked up once and kept in
+    ``places`` (per capture): walking the submodules at every call cost more than the rest of
+    the hook."""
+    found = places.get(module)
+    if found is None:
+        found = places[module] = [
+            (f"{prefix}.{key}" if prefix else key, owner, key)
+            for prefix, owner in module.named_modules()
+            for key, b in owner._buffers.items()
+            if b is not None
+        ]
+    buffers = [(name, owner._buffers.get(key)) for name, owner, key in found]
+    return [(name, b._version) for name, b in buffers if b is not None]
 
 
 class HookManager:
@@ -165,6 +177,7 @@ class HookManager:
         self.root = root
         self._on_call, self._on_output = on_call, on_output
         self._handles: dict[nn.Module, list] = {}
+        self._buffer_places: dict[nn.Module, list] = {}  # per capture: see _buffer_versions
         for m in modules:
             self._hook(m, self._forward_hook)
         for m in dict.fromkeys(span_modules):
@@ -200,6 +213,7 @@ class HookManager:
         """Record calls and pair grads for one forward/backward; forget everything afterwards."""
         self._log = CallLog()
         self._stack = []
+        self._buffer_places: dict[nn.Module, list] = {}
         try:
             yield self._log
         finally:
@@ -247,7 +261,9 @@ class HookManager:
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._recording():
-            versions = _buffer_versions(module) if module in self._owners else []
+            versions = (
+                _buffer_versions(module, self._buffer_places) if module in self._owners else []
+            )
             self._stack.append((module, self.log.tick(), versions, (args, kwargs)))
             if self._on_call is not None:
                 self._on_call(module, (args, kwargs))
@@ -267,7 +283,11 @@ class HookManager:
         log = self.log
         if module in self._owners:
             before = dict(versions)
-            changed = [n for n, now in _buffer_versions(module) if before.get(n) != now]
+            changed = [
+                n
+                for n, now in _buffer_versions(module, self._buffer_places)
+                if before.get(n) != now
+            ]
             if changed:
                 log.mutated_buffers.setdefault(module, [])
                 log.mutated_buffers[module] += [

