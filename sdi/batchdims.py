@@ -60,6 +60,26 @@ _ALONG = {
 }
 # Reshapes, broadcasts and their in-place forms: the batch dimension is followed by its size.
 _RESHAPES = RESHAPES | {"expand", "expand_as", "broadcast_to", "squeeze_", "unsqueeze_"}
+# The operations output_dim follows by name (and the getters .T / .mT): any other one that keeps
+# its input's shape keeps the batch where it was.
+_BY_NAME = (
+    _TRANSPOSES
+    | _RESHAPES
+    | {
+        "t",
+        "t_",
+        "permute",
+        "movedim",
+        "moveaxis",
+        "__getitem__",
+        "stack",
+        "cat",
+        "concat",
+        "concatenate",
+        "einsum",
+        "__get__",
+    }
+)
 
 
 def _norm(dim: int, ndim: int) -> int:
@@ -190,6 +210,8 @@ def output_dim(func, args, kwargs, first: torch.Tensor, bd: int, out: torch.Tens
     nd = first.dim()
     if name in _ALONG and out.dim() == nd and _couples(name, args, kwargs, nd, bd):
         return bd  # along the batch, its dimension kept (softmax, keepdim): coupled, see couples
+    if name not in _BY_NAME and out.shape == first.shape:
+        return bd  # the common case (elementwise, linear to the same width): as _aligned finds
     if name in _TRANSPOSES:
         d0, d1 = (_norm(int(d), nd) for d in (args[1], args[2]))
         return d1 if bd == d0 else d0 if bd == d1 else bd

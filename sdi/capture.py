@@ -214,9 +214,9 @@ class CaptureMode(TorchFunctionMode):
         p = self.scope.param_of(t)
         if p is None:
             return None
-        derived = self._derivations.get(p)
+        derived = self._derivations.get((p,))
         if derived is None:
-            derived = self._derivations[p] = Derived((p,))
+            derived = self._derivations[(p,)] = Derived((p,), key=(p,))
         self._derived[id(t)] = (t, derived)
         return derived
 
@@ -448,16 +448,16 @@ def module_use(
 
 def _then(derivations: dict, before: Derived, func, step_func, args, kwargs, index) -> Derived:
     """``before`` followed by ``step_func`` (``func``, or its replay on a copy): one object per
-    derivation, kept in ``derivations``, where the step's other arguments are constants."""
-    key = _constant_key(args[1:], kwargs)
-    if key is None:
+    derivation of a parameter by constant arguments, kept in ``derivations`` across batches."""
+    step = (func, step_func is not func, _constant_key(args[1:], kwargs), index)
+    if before.key is None or step[2] is None:
         return before.then(Step(step_func, *template(args, kwargs, 0), index))
-    key = (before, func, step_func is not func, key, index)
-    derived = derivations.get(key)
+    derived = derivations.get(before.key + (step,))
     if derived is None:
         if len(derivations) > _MAX_DERIVATIONS:  # constants that vary by batch
             derivations.clear()
-        derived = derivations[key] = before.then(Step(step_func, *template(args, kwargs, 0), index))
+        derived = before.then(Step(step_func, *template(args, kwargs, 0), index), step)
+        derivations[derived.key] = derived
     return derived
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -113,6 +113,9 @@ class Derived:
     params: tuple[nn.Parameter, ...]
     steps: tuple[Step, ...] = ()
     combine: Callable[[dict], torch.Tensor] | None = None
+    # (param, step keys...) when the steps' arguments are constants: the same derivation in the
+    # next batch is this object again (sdi.capture), so the shortcuts below are worked out once.
+    key: tuple | None = field(default=None, repr=False)
 
     def value(self, values: dict) -> torch.Tensor:
         if self.combine is not None:
@@ -122,9 +125,12 @@ class Derived:
             x = step.apply(x)
         return x
 
-    def then(self, step: Step) -> Derived:
+    def then(self, step: Step, key: tuple | None = None) -> Derived:
+        """This followed by ``step``; ``key``: the step's key (its function and constant
+        arguments), where this derivation has a key too."""
         if self.combine is None:
-            return Derived(self.params, self.steps + (step,))
+            full = self.key + (key,) if self.key is not None and key is not None else None
+            return Derived(self.params, self.steps + (step,), key=full)
         return Derived(self.params, combine=lambda v, f=self.combine: step.apply(f(v)))
 
     @cached_property

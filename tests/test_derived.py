@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from sdi.capture import CaptureMode, Scope
 from sdi.derived import SLOT, Derived, Step
 
 B = 3
@@ -74,3 +75,29 @@ def test_backprop_of_an_unwanted_parameter_is_empty():
     p = nn.Parameter(torch.randn(4, 5))
     d = _chain(p, (T.__getitem__, (2,), None))
     assert d.backprop(torch.randn(B, 5), []) == {}
+
+
+def test_a_derivation_by_constant_arguments_is_one_object_across_batches():
+    """The captures of a featuriser's batches share the derivations whose steps take constant
+    arguments (so their shortcuts are worked out once); a tensor argument is never taken for a
+    constant, nor ``x[True]`` for ``x[1]``, nor ``-0.0`` for ``0.0``."""
+    p = nn.Parameter(torch.randn(3, 4))
+
+    class Params(Scope):
+        def param_of(self, t):
+            return p if t is p else None
+
+    kept: dict = {}
+
+    def derive(compute) -> Derived:
+        with CaptureMode(Params(), kept) as mode:
+            return mode._lookup(compute(p))
+
+    first = derive(lambda w: w[1].t().to(torch.float64))
+    assert derive(lambda w: w[1].t().to(torch.float64)) is first
+    torch.testing.assert_close(first.value({p: p.detach()}), p.detach()[1].double())
+    assert derive(lambda w: w[True]) is not derive(lambda w: w[1])
+    assert derive(lambda w: w * 0.0) is not derive(lambda w: w * -0.0)
+    rows = torch.tensor([0, 2])
+    picked = derive(lambda w: w.index_select(0, rows))
+    assert picked.key is None and derive(lambda w: w.index_select(0, rows)) is not picked
