@@ -84,9 +84,11 @@ class _Pass:
         if self.out_sum is not None and self.sums is None:
             self.out_sum[:, columns] += feature
 
-    @torch.no_grad()
     def use_grad(self, f: Featurizer, use: OpUse, grad: torch.Tensor) -> None:
         """One use (:mod:`sdi.capture`): an operation, or a call of a module-level rule's module."""
+        if torch.is_grad_enabled():  # only under create_graph=True: the rules record no graph
+            with torch.no_grad():
+                return self.use_grad(f, use, grad)
         use.check_unchanged()
         if self.scale != 1.0:
             grad = grad * self.scale
