@@ -194,9 +194,10 @@ class CaptureMode(TorchFunctionMode):
         self.token = object()
         self.batch_size: int | None = None  # of the seeds
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
-        # Derivations by (parameter or earlier derivation, step): one object for each way the
-        # model computes from a parameter, shared by the batches of a featuriser (``derivations``
-        # kept across modes), so that its shortcuts are worked out once (sdi.derived).
+        # Derivations by their key (the parameter, then each step's function and constant
+        # arguments): one object for each way the model computes from a parameter, shared by
+        # the batches of a featuriser (``derivations`` kept across modes), so that its shortcuts
+        # are worked out once (sdi.derived).
         self._derivations = {} if derivations is None else derivations
 
     def seed(self, x, dim: int) -> int:

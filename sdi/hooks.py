@@ -213,7 +213,7 @@ class HookManager:
         """Record calls and pair grads for one forward/backward; forget everything afterwards."""
         self._log = CallLog()
         self._stack = []
-        self._buffer_places: dict[nn.Module, list] = {}
+        self._buffer_places = {}
         try:
             yield self._log
         finally:

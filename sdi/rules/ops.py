@@ -252,9 +252,9 @@ class OpRules:
         if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
             return torch.empty(shape, dtype=dtype, device=device)
         buffer = self._scratch.get((dtype, device))
-        if buffer is None or buffer.numel() < n:
-            self._scratch = {(dtype, device): torch.empty(n, dtype=dtype, device=device)}
-            buffer = self._scratch[(dtype, device)]
+        if buffer is None or buffer.numel() < n:  # a new buffer: the old one's views go
+            self._scratch = {k: v for k, v in self._scratch.items() if k[-2:] != (dtype, device)}
+            buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
         view = self._scratch[(shape, dtype, device)] = buffer[:n].view(shape)
         return view
 
