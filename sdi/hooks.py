@@ -177,7 +177,7 @@ class HookManager:
         self.root = root
         self._on_call, self._on_output = on_call, on_output
         self._handles: dict[nn.Module, list] = {}
-        self._buffer_places: dict[nn.Module, list] = {}  # per capture: see _buffer_versions
+        self._places: dict[nn.Module, list] = {}  # per capture: see _buffer_versions
         for m in modules:
             self._hook(m, self._forward_hook)
         for m in dict.fromkeys(span_modules):
@@ -213,7 +213,7 @@ class HookManager:
         """Record calls and pair grads for one forward/backward; forget everything afterwards."""
         self._log = CallLog()
         self._stack = []
-        self._buffer_places = {}
+        self._places = {}
         try:
             yield self._log
         finally:
@@ -261,9 +261,7 @@ class HookManager:
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._recording():
-            versions = (
-                _buffer_versions(module, self._buffer_places) if module in self._owners else []
-            )
+            versions = _buffer_versions(module, self._places) if module in self._owners else []
             self._stack.append((module, self.log.tick(), versions, (args, kwargs)))
             if self._on_call is not None:
                 self._on_call(module, (args, kwargs))
@@ -283,11 +281,8 @@ class HookManager:
         log = self.log
         if module in self._owners:
             before = dict(versions)
-            changed = [
-                n
-                for n, now in _buffer_versions(module, self._buffer_places)
-                if before.get(n) != now
-            ]
+            now = _buffer_versions(module, self._places)
+            changed = [n for n, version in now if before.get(n) != version]
             if changed:
                 log.mutated_buffers.setdefault(module, [])
                 log.mutated_buffers[module] += [
