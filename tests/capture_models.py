@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from looped_lm import lm_loss  # noqa: F401  (the models' loss, imported from here by tests and bench)
 from torch.nn.utils.parametrizations import weight_norm
 
 VOCAB, SEQ, D, HEADS, FF = 23, 7, 12, 3, 20
@@ -409,14 +410,6 @@ class KeywordLM(_CoreLM):
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Per-example mean next-token cross entropy ``(B,)`` of ``batch["tokens"] (B, T)``."""
-    tokens = batch["tokens"]
-    logits = model(tokens)[:, :-1]
-    loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    return loss.mean(1)
 
 
 def token_batches(n: int, batch_size: int, seed: int, seq: int = SEQ, vocab: int = VOCAB):

@@ -135,12 +135,15 @@ class LoopedLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def lm_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Per-example next-token cross entropy ``(B,)`` of ``batch["tokens"]`` (B, T)."""
-    tokens = batch["tokens"]
+def next_token_losses(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropies ``(B, T - 1)`` of ``tokens (B, T)`` under ``model``'s logits."""
     logits = model(tokens)[:, :-1]
-    loss = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    return loss.mean(1)
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Per-example mean next-token cross entropy ``(B,)`` of ``batch["tokens"]`` (B, T)."""
+    return next_token_losses(model, batch["tokens"]).mean(1)
 
 
 def per_example_grads(model: nn.Module, params, loss_fn, batches) -> torch.Tensor:

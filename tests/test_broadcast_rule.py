@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from looped_lm import next_token_losses
 
 from sdi import FullGradientTracInSDI
 from sdi.backend import get_backend
@@ -56,8 +56,7 @@ class Scaled(nn.Module):
 
 
 def lm_loss(model, ids):
-    logits = model(ids)[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
+    return next_token_losses(model, ids).sum(1)
 
 
 def _ids(n: int) -> torch.Tensor:

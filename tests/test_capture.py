@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from looped_lm import next_token_losses
 from torch.nn.utils import prune
 
 from sdi import FullGradientTracInSDI, ProjectedTracInSDI
@@ -25,8 +26,7 @@ def _ids(n, seed=0, T=T):
 
 
 def lm_loss(model, ids):
-    logits = model(ids)[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
+    return next_token_losses(model, ids).sum(1)
 
 
 def oracle(model, params: dict, ids) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from looped_lm import per_example_grads
+from looped_lm import next_token_losses, per_example_grads
 
 from sdi import FullGradientTracInSDI, ProjectedTracInSDI
 from sdi.featurize import Featurizer
@@ -64,8 +64,7 @@ class Looped(nn.Module):
 
 
 def _loss(model, ids):
-    logits = model(ids)[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    return next_token_losses(model, ids).mean(1)
 
 
 def _per_example(model, ids) -> torch.Tensor:
