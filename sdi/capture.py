@@ -89,16 +89,6 @@ class OpUse:
             return type(self.func).__name__
         return getattr(self.func, "__qualname__", None) or getattr(self.func, "__name__", "op")
 
-    @property
-    def batched(self) -> list[Batched]:
-        """Its per-example arguments."""
-        return [
-            y
-            for x in (*self.args, *self.kwargs.values())
-            for y in (x if isinstance(x, (list, tuple)) else (x,))
-            if isinstance(y, Batched)
-        ]
-
     def release(self) -> None:
         """Drop the recorded arguments once the use's features are computed: held to the end of
         the backward pass, they would keep every input activation alive that autograd frees as
@@ -107,13 +97,14 @@ class OpUse:
 
     def check_unchanged(self) -> None:
         """Refuse a per-example argument changed in place since the forward recorded it."""
-        for x in self.batched:
-            if x.tensor._version != x.version:
-                raise RuntimeError(
-                    f"an input of {self.name} was modified in place after the forward used it; "
-                    "its per-example gradient would read the modified values. Compute the "
-                    "modification out of place"
-                )
+        for x in (*self.args, *self.kwargs.values()):
+            for y in x if isinstance(x, (list, tuple)) else (x,):
+                if isinstance(y, Batched) and y.tensor._version != y.version:
+                    raise RuntimeError(
+                        f"an input of {self.name} was modified in place after the forward used "
+                        "it; its per-example gradient would read the modified values. Compute "
+                        "the modification out of place"
+                    )
 
 
 def tag(x, token: object, dim: int | None) -> int:
@@ -255,7 +246,7 @@ class CaptureMode(TorchFunctionMode):
         first, dim = batched[0]
         if isinstance(out, torch.Tensor):
             outs = [out]
-        elif not isinstance(out, (tuple, list)):  # sizes, dtypes, numbers: fast out
+        elif not isinstance(out, (tuple, list)) or type(out) is torch.Size:  # fast out
             return None
         elif any(isinstance(o, (tuple, list, dict)) for o in out):
             outs = [o for o in tree_flatten(out)[0] if torch.is_tensor(o)]
@@ -540,8 +531,8 @@ def _pick(derived: Derived, index: int) -> Derived:
 def _key(p: nn.Parameter, tracked, scope: Scope):
     """Timeline key: ``(p, i)`` for a slice ``bank[i]``, else the module owning ``p``."""
     for _, derived in tracked:
-        if p in set(derived.params):
-            i = derived.slice_index()
+        if any(p is q for q in derived.params):
+            i = derived.slice_index
             if i is not None:
                 return (p, i)
     return scope.owner(p)

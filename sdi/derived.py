@@ -177,6 +177,7 @@ class Derived:
         """The block of its parameter this is, when it is one (:func:`matrix_view`)."""
         return matrix_view(self)
 
+    @cached_property
     def slice_index(self) -> int | None:
         """``i`` when this is ``bank[i]`` (first step an integer index of a parameter of >= 2 dims):
         the timeline shows each slice of a bank on its own."""

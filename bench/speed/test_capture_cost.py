@@ -32,7 +32,7 @@ from sdi import CheckpointSpec, ProjectedTracInSDI
 
 VOCAB, D, HEADS, FF, TAU, SEQ = 256, 128, 4, 512, 4, 64
 BATCH, N_TRAIN, N_QUERY, M = 16, 48, 16, 1024
-ROUNDS = 9  # pairs per row: the median of 9 moves less with the machine load than of 5
+ROUNDS = 15  # pairs per row: the median of 15 moves less with the machine load than of 9
 GROUP = "capture cost"
 
 

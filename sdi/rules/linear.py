@@ -25,6 +25,8 @@ EXPLICIT_MAX_BUFFER_BYTES = 128 << 20
 
 def tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, ..., d)`` -> ``(B, T, d)``, every middle dimension counted as tokens."""
+    if x.dim() == 3:
+        return x
     return x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 

@@ -172,12 +172,29 @@ class StepSums:
         else:
             sums[param] = value.to(torch.float32)
 
-    def add_grad(self, param: nn.Parameter, grad: torch.Tensor) -> None:
-        """Add a dense per-example gradient ``(B, numel)`` or ``(B, d_out, d_in)``."""
+    def add_grad(
+        self, param: nn.Parameter, grad: torch.Tensor, sources: torch.Tensor | None = None
+    ) -> None:
+        """Add a dense per-example gradient ``(B, numel)`` or ``(B, d_out, d_in)``; with
+        ``sources``, a gradient ``(B, *sources.shape)`` w.r.t. elements picked from ``param``
+        (``mix[0]``, ``gain[:, None]``: :meth:`sdi.derived.Derived.element_sources`), added
+        where each element came from."""
+        held = self._grads.get(param)
         if param in self._in_buffer:  # the buffer is overwritten by the next batch: own the sum
-            self._grads[param] = self._grads[param].clone()
+            held = self._grads[param] = held.clone()
             self._in_buffer.discard(param)
-        self._add(self._grads, param, grad)
+        if sources is None:
+            if held is None:
+                self._grads[param] = grad.to(torch.float32)
+            else:
+                held.add_(grad.reshape(held.shape))
+            return
+        B = grad.shape[0]
+        if held is None:
+            held = self._grads[param] = grad.new_zeros(B, param.numel(), dtype=torch.float32)
+        elif not held.is_contiguous():  # a Linear weight's transposed buffer
+            held = self._grads[param] = held.contiguous()
+        held.view(B, -1).index_add_(1, sources.reshape(-1), grad.reshape(B, -1).float())
 
     def add_linear(self, param: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> None:
         """Add ``G^T A`` ``(B, d_out, d_in)`` of a whole Linear weight, in its reused buffer."""

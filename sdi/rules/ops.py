@@ -49,13 +49,14 @@ _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 # The broadcast rule's reused product buffer is kept up to this size (one activation tensor).
 _SCRATCH_MAX_BYTES = 64 << 20
+_MAX_PLANS = 1024
 
 
 def _batch_first(x: Batched) -> torch.Tensor:
-    return x.tensor.movedim(x.dim, 0)
+    return x.tensor.movedim(x.dim, 0) if x.dim else x.tensor
 
 
-def _dense(use, g, operand: Operand, grad, params, out: dict) -> None:
+def _dense(use, operand: Operand, grad, params, out: dict) -> None:
     """Map ``grad`` (B, *operand) back onto the wanted params, adding into ``out``."""
     counted = set(use.params)
     for p, gp in operand.derived.backprop(grad, [p for p in params if p in counted]).items():
@@ -70,6 +71,7 @@ class OpRules:
         self._sums = None
         self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries,
         # (shape, dtype, device) -> a view of it
+        self._plans: dict = {}  # shapes -> the broadcast rule's shape analysis
 
     @property
     def rules(self):
@@ -98,7 +100,9 @@ class OpRules:
                 return done
         grads = None
         if use.func in _MUL or use.func in _ADD:
-            grads = self._broadcast(use, g)
+            done = self._broadcast(use, g)
+            if done is not None:
+                return done
         elif use.func is torch.einsum or use.func in _MATMUL or use.func in _BMM:
             grads = _contraction(use, g)
         if grads is None:
@@ -120,11 +124,11 @@ class OpRules:
 
     def finish(self, p, grad: torch.Tensor) -> torch.Tensor:
         """A dense per-example gradient ``(B, *p.shape)`` as this mode's feature."""
-        if self.rules.exact:
-            return grad.reshape(grad.shape[0], -1).float()
-        if self._sums is not None:
+        if self._sums is not None:  # (projected only)
             self._sums.add_grad(p, grad.reshape(grad.shape[0], -1).float())
             return None
+        if self.rules.exact:
+            return grad.reshape(grad.shape[0], -1).float()
         return self.rules.sketch_flat(p, grad)
 
     def _linear(self, use: OpUse, g: torch.Tensor):
@@ -144,22 +148,19 @@ class OpRules:
         a, gt = tokens(_batch_first(x)), tokens(g)
         out: dict = {}
         view = w.derived.block
-        counted = set(use.params)
-        wanted = [p for p in w.derived.params if p in counted]
-        if view is not None and view.param in counted:
-            flip = view.transposed != transposed
-            out[view.param] = self._linear_block(view, a, gt, flip)
-            wanted = [p for p in wanted if p is not view.param]
+        if view is not None and any(p is view.param for p in use.params):
+            out[view.param] = self._linear_block(view, a, gt, view.transposed != transposed)
+            wanted = []  # a block is of one parameter
+        else:
+            counted = set(use.params)
+            wanted = [p for p in w.derived.params if p in counted]
         if wanted:
             phi = torch.einsum("bto,bti->boi", gt.float(), a.float())
             dense: dict = {}
-            _dense(use, g, w, phi.transpose(1, 2) if transposed else phi, wanted, dense)
+            _dense(use, w, phi.transpose(1, 2) if transposed else phi, wanted, dense)
             out.update({p: self.finish(p, gp) for p, gp in dense.items()})
         if isinstance(bias, Operand):
-            dense = {}
-            _dense(use, g, bias, gt.sum(dim=1).float(), use.params, dense)
-            for p, gp in dense.items():
-                f = self.finish(p, gp)
+            for p, f in self._onto_params(use, bias, gt.sum(dim=1).float()).items():
                 out[p] = out[p] + f if out.get(p) is not None and f is not None else f
         return out
 
@@ -210,36 +211,52 @@ class OpRules:
 
     def _broadcast(self, use: OpUse, g: torch.Tensor):
         """``x * s`` / ``x + s``: the gradient w.r.t. ``s`` is ``g x`` / ``g`` summed over the dims
-        ``s`` is broadcast along -- unless ``s`` spans the batch dimension itself."""
+        ``s`` is broadcast along -- unless ``s`` spans the batch dimension itself. The shape
+        analysis is kept per shapes (:func:`_broadcast_plan`): a looped block repeats the same
+        few uses at every step and batch."""
         if len(use.args) != 2 or use.kwargs:
             return None
-        ops = [a for a in use.args if isinstance(a, Operand)]
-        xs = [a for a in use.args if isinstance(a, Batched)]
-        if len(ops) != 1 or len(xs) != 1:
+        s, x = use.args
+        if isinstance(x, Operand):
+            s, x = x, s
+        if not isinstance(s, Operand) or not isinstance(x, Batched):
             return None
-        s, x = ops[0], xs[0]
-        nd = g.dim()
-        shape = (1,) * (nd - len(s.shape)) + tuple(s.shape)
-        if len(s.shape) > nd or shape[use.out_dim] != 1:
+        mul = use.func in _MUL
+        key = (mul, s.shape, x.dim, x.tensor.shape, use.out_dim, g.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > _MAX_PLANS:  # shapes that vary by batch
+                self._plans.clear()
+            plan = self._plans[key] = _broadcast_plan(*key)
+        if plan is False:
             return None
-        rest = shape[: use.out_dim] + shape[use.out_dim + 1 :]
+        dims, summed = plan
         prod = g
-        if use.func in _MUL:
-            if x.tensor.dim() != nd or x.dim != use.out_dim:
-                return None
-            xt = x.tensor.movedim(x.dim, 0)
-            summed = xt.shape == g.shape and any(
-                n == 1 and k != 1 for n, k in zip(rest, g.shape[1:], strict=True)
-            )  # a product summed at once is a temporary: into a reused buffer
+        if mul:
+            xt = x.tensor.movedim(x.dim, 0) if x.dim else x.tensor
+            # a product summed at once is a temporary: into a reused buffer
             dtype = torch.result_type(g, xt)
-            buffer = self._temporary(g.shape, dtype, g.device) if summed else None
-            prod = torch.mul(g, xt, out=buffer)
-        dims = [i + 1 for i, n in enumerate(rest) if n == 1 and prod.shape[i + 1] != 1]
+            prod = torch.mul(
+                g, xt, out=self._temporary(g.shape, dtype, g.device) if summed else None
+            )
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
-        grad = reduced.reshape(g.shape[0], *s.shape)
-        out: dict = {}
-        _dense(use, g, s, grad, use.params, out)
-        return out
+        return self._onto_params(use, s, reduced.reshape(g.shape[0], *s.shape))
+
+    def _onto_params(self, use: OpUse, operand: Operand, grad: torch.Tensor) -> dict:
+        """``grad (B, *operand's shape)`` mapped back onto the use's parameters, as this mode's
+        features (a cast or reshape of one parameter, the common case, needs no mapping)."""
+        derived, params = operand.derived, use.params
+        p = derived.params[0]
+        if derived.combine is None and any(p is q for q in params):
+            if derived.plain:
+                return {p: self.finish(p, grad)}
+            sources = derived.element_sources() if self._sums is not None else None
+            if sources is not None:  # picked elements: added where they came from, no copy
+                self._sums.add_grad(p, grad, sources)
+                return {}
+        dense: dict = {}
+        _dense(use, operand, grad, params, dense)
+        return {p: self.finish(p, gp) for p, gp in dense.items()}
 
     def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
@@ -331,7 +348,7 @@ def _contraction(use: OpUse, g: torch.Tensor) -> dict | None:
     out_first = out[use.out_dim] + out[: use.out_dim] + out[use.out_dim + 1 :]  # g is batch first
     grad = torch.einsum(f"{xs},{out_first}->{batch}{ws}", x.tensor.float(), g.float())
     dense: dict = {}
-    _dense(use, g, w, grad, use.params, dense)
+    _dense(use, w, grad, use.params, dense)
     return dense
 
 
@@ -379,6 +396,28 @@ def _contraction_spec(use: OpUse):
 def _shared(a: str, b: str) -> list[tuple[int, int]]:
     """Index pairs of the letters two operands' leading dims share."""
     return [(a.index(c), b.index(c)) for c in a if c in b]
+
+
+def _broadcast_plan(mul: bool, s_shape, x_dim: int, x_shape, out_dim: int, g_shape):
+    """``(dims to sum, whether the product is a summed temporary)`` of :meth:`OpRules._broadcast`
+    for these shapes; ``False`` where the rule does not apply (``s`` spans the batch, or ``x`` is
+    not laid out like the output)."""
+    nd = len(g_shape)
+    shape = (1,) * (nd - len(s_shape)) + tuple(s_shape)
+    if len(s_shape) > nd or shape[out_dim] != 1:
+        return False
+    rest = shape[:out_dim] + shape[out_dim + 1 :]
+    summed = False
+    if mul:
+        if len(x_shape) != nd or x_dim != out_dim:
+            return False
+        moved = (x_shape[x_dim], *x_shape[:x_dim], *x_shape[x_dim + 1 :])
+        summed = moved == tuple(g_shape) and any(
+            n == 1 and k != 1 for n, k in zip(rest, g_shape[1:], strict=True)
+        )
+    # the product has g's shape: g is the gradient of the output, which x * s broadcasts to
+    dims = [i + 1 for i, n in enumerate(rest) if n == 1 and g_shape[i + 1] != 1]
+    return dims, summed
 
 
 def _rows(table: CountSketchHash, start: int, stop: int) -> CountSketchHash:
