@@ -63,14 +63,37 @@ def _dense(use, operand: Operand, grad, params, out: dict) -> None:
         out[p] = out[p] + gp if p in out else gp
 
 
+class Scratch:
+    """Buffers for temporaries that die within a rule, reused across uses (a fresh one per use
+    faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``. One flat buffer per dtype
+    and device; its views by shape are kept until it grows."""
+
+    def __init__(self):
+        self._kept: dict = {}  # (dtype, device) -> a flat buffer; (shape, dtype, device) -> a view
+
+    def get(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape``, its contents undefined, valid until the next ``get``."""
+        view = self._kept.get((shape, dtype, device))
+        if view is not None:
+            return view
+        n = math.prod(shape)
+        if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=device)
+        buffer = self._kept.get((dtype, device))
+        if buffer is None or buffer.numel() < n:  # a new buffer: the old one's views go
+            self._kept = {k: v for k, v in self._kept.items() if k[-2:] != (dtype, device)}
+            buffer = self._kept[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        view = self._kept[(shape, dtype, device)] = buffer[:n].view(shape)
+        return view
+
+
 class OpRules:
     """Dispatch a use to its operation's rule; exact gradients or sketches (``rules``)."""
 
     def __init__(self, rules_of):
         self._rules_of = rules_of  # () -> the featuriser's SketchRules or ExactRules, as shown now
         self._sums = None
-        self._scratch: dict = {}  # (dtype, device) -> a flat buffer for per-use temporaries,
-        # (shape, dtype, device) -> a view of it
+        self._scratch = Scratch()
         self._plans: dict = {}  # shapes -> the broadcast rule's shape analysis
 
     @property
@@ -237,7 +260,7 @@ class OpRules:
             # a product summed at once is a temporary: into a reused buffer
             dtype = torch.result_type(g, xt)
             prod = torch.mul(
-                g, xt, out=self._temporary(g.shape, dtype, g.device) if summed else None
+                g, xt, out=self._scratch.get(g.shape, dtype, g.device) if summed else None
             )
         reduced = prod.sum(dim=dims, keepdim=True) if dims else prod
         return self._onto_params(use, s, reduced.reshape(g.shape[0], *s.shape))
@@ -257,23 +280,6 @@ class OpRules:
         dense: dict = {}
         _dense(use, operand, grad, params, dense)
         return {p: self.finish(p, gp) for p, gp in dense.items()}
-
-    def _temporary(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of ``shape`` for a temporary that dies within the rule, reused across uses
-        (a fresh one per use faults in new pages every time); fresh past ``_SCRATCH_MAX_BYTES``.
-        One flat buffer per dtype and device; its views by shape are kept until it grows."""
-        view = self._scratch.get((shape, dtype, device))
-        if view is not None:
-            return view
-        n = math.prod(shape)
-        if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
-            return torch.empty(shape, dtype=dtype, device=device)
-        buffer = self._scratch.get((dtype, device))
-        if buffer is None or buffer.numel() < n:  # a new buffer: the old one's views go
-            self._scratch = {k: v for k, v in self._scratch.items() if k[-2:] != (dtype, device)}
-            buffer = self._scratch[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
-        view = self._scratch[(shape, dtype, device)] = buffer[:n].view(shape)
-        return view
 
 
 def _einsum_linear(use: OpUse):
