@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import positions
 from .batchdims import couples, einsum_dim, output_dim
 from .derived import GETTERS, Derived, Step, template
 
@@ -67,7 +68,8 @@ class OpUse:
     parameters are then implicit: ``params`` are some of them). ``params``: the parameters whose
     per-example gradients it gives; ``slots[p] = (key, entry)`` place it on the timeline
     (:mod:`sdi.steps`); ``out_dim``: the batch dim of its first output; ``output``: a copy of
-    that output, kept for rules that check a recompute against it.
+    that output, kept for rules that check a recompute against it; ``pos_dim``: the position dim
+    of its first output where positions are followed (:mod:`sdi.positions`), else ``None``.
     """
 
     func: Callable
@@ -77,6 +79,7 @@ class OpUse:
     out_dim: int
     slots: dict = field(default_factory=dict)
     output: torch.Tensor | None = None
+    pos_dim: int | None = None
 
     @property
     def module(self) -> nn.Module | None:
@@ -179,9 +182,10 @@ class Scope:
 class CaptureMode(TorchFunctionMode):
     """Tracks parameter-derived and per-example tensors; hands every use to ``scope``."""
 
-    def __init__(self, scope: Scope, derivations: dict | None = None):
+    def __init__(self, scope: Scope, derivations: dict | None = None, positions: bool = False):
         super().__init__()
         self.scope = scope
+        self.positions = positions  # follow the positions too (sdi.positions, for explain)
         self.token = object()
         self.batch_size: int | None = None  # of the seeds
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
@@ -197,6 +201,8 @@ class CaptureMode(TorchFunctionMode):
         tensors = [t for t in tree_flatten(x)[0] if torch.is_tensor(t)]
         if self.batch_size is None:
             self.batch_size = next((int(t.shape[dim]) for t in tensors if t.dim() > dim), None)
+        if self.positions:
+            positions.seed(self.token, tensors, dim)
         return tag(tensors, self.token, dim)
 
     def _lookup(self, t: torch.Tensor):
@@ -269,6 +275,8 @@ class CaptureMode(TorchFunctionMode):
         for o in outs:
             if o is not first or found is not None:
                 setattr(o, _TAG, (self.token, found, coupled))
+        if self.positions:
+            positions.tag(self.token, func, args, kwargs, [t for t, _ in batched], outs)
         return found
 
     def _derive(self, func, args, kwargs, tracked):
@@ -319,6 +327,7 @@ class CaptureMode(TorchFunctionMode):
             leaf = out.detach().requires_grad_(True).clone()
             if hasattr(out, _TAG):
                 setattr(leaf, _TAG, getattr(out, _TAG))
+            positions.copy(self.token, out, leaf)
             return leaf
         for t, dim in batched:
             if dim is None:
@@ -354,13 +363,15 @@ class CaptureMode(TorchFunctionMode):
             )
         if out_dim is None:
             self.scope.unknown(params, _unknown(func, params, first, self.scope, output=True))
-        use = OpUse(func, rec_args, rec_kwargs, tuple(params), out_dim)
+        pos = positions.position_of(self.token, first) if self.positions else None
+        use = OpUse(func, rec_args, rec_kwargs, tuple(params), out_dim, pos_dim=pos)
         keys = {p: _key(p, tracked, self.scope) for p in params}
         out = self.scope.watch_others(_op_name(func), out, first)
         replaced = self.scope.record(use, first, keys)
         if replaced is first:
             return out
         tag(replaced, self.token, out_dim)
+        positions.copy(self.token, first, replaced)
         if torch.is_tensor(out):
             return replaced
         items, spec = tree_flatten(out)
@@ -382,6 +393,7 @@ def settle_output(mode: CaptureMode, out: torch.Tensor, new: torch.Tensor, dim: 
     setattr(out, _TAG, mark)
     if new is not out:
         setattr(new, _TAG, mark)
+        positions.copy(mode.token, out, new)
     return mark[1]
 
 
@@ -408,9 +420,11 @@ def module_use(
     kwargs: dict,
     out_dim: int,
     batch: int,
+    out: torch.Tensor,
 ) -> OpUse:
     """A call of ``module`` served by a module-level rule, as an :class:`OpUse` of the module;
-    its first output has ``batch`` examples on ``out_dim`` (the featuriser's declared layout).
+    its first output ``out`` has ``batch`` examples on ``out_dim`` (the featuriser's declared
+    layout).
 
     Which arguments are per-example is known from the data flow, as for operations. A
     per-example argument whose batch dimension the data flow lost (downstream of an MoE's
@@ -435,7 +449,8 @@ def module_use(
 
     rec_args = tuple(tree_map(record, a) for a in args)
     rec_kwargs = {k: tree_map(record, v) for k, v in kwargs.items()}
-    return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim)
+    pos = positions.position_of(mode.token, out) if mode.positions else None
+    return OpUse(module, rec_args, rec_kwargs, tuple(params), out_dim, pos_dim=pos)
 
 
 def _then(derivations: dict, before: Derived, func, step_func, args, kwargs, index) -> Derived:

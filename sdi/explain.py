@@ -55,20 +55,23 @@ class _MaskedRules:
     def __getattr__(self, name: str):
         return getattr(self._rules, name)
 
-    def shown_grad(self, g: torch.Tensor) -> torch.Tensor:
-        """``g`` (batch first, positions next) masked to the position."""
-        if g.dim() < 2:
+    def shown_grad(self, g: torch.Tensor, pos: int | None) -> torch.Tensor:
+        """``g`` (batch first) masked to the position on its dimension ``pos``, which the data flow
+        established (:mod:`sdi.positions`)."""
+        if pos is None:
             raise ValueError(
-                f"a selected use's output has no position dimension (grad shape {tuple(g.shape)}): "
-                "explain splits grad-outputs (batch, position, ...); select modules with a "
-                "position dimension, or use by_parameter= of influence_across_checkpoints for "
-                "the split by weights alone"
+                f"a selected use's output (grad shape {tuple(g.shape)}, batch first) has no "
+                "position dimension that the data flow establishes: explain splits grad-outputs "
+                "by position. Keep the positions a dimension of their own up to the selected "
+                "modules (not summed over, nor merged with another dimension), or use "
+                "by_parameter= of influence_across_checkpoints for the split by weights alone"
             )
-        self.lengths.add(g.shape[1])
+        self.lengths.add(g.shape[pos])
         if self.position is None:
             return g
         masked = torch.zeros_like(g)
-        masked[:, self.position] = g[:, self.position]
+        at = (slice(None),) * pos + (self.position,)
+        masked[at] = g[at]
         return masked
 
 

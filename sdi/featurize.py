@@ -95,8 +95,9 @@ class _Pass:
         if use.out_dim != 0:
             grad = grad.movedim(use.out_dim, 0)
         shown = getattr(f.rules, "shown_grad", None)  # explain's position masks
-        if shown is not None:
-            grad = shown(grad)
+        if shown is not None:  # the positions' dimension, once the batch's is first
+            pos = use.pos_dim
+            grad = shown(grad, pos if pos is None or pos > use.out_dim else pos + 1)
         try:
             # (the backward runs with the hooks paused: a rule re-running a forward records nothing)
             if self.sums is not None:  # what the sums do not hold goes to the sum directly
@@ -367,7 +368,8 @@ class Featurizer:
         self.scope.trainable = {id(p) for p in params if p.requires_grad}
         bd = 0 if self.batch_first else 1
         with requires_grad_set(params, False), self.hooks.capture() as log:
-            with CaptureMode(self.scope, self._derivations) as mode:
+            explain = hasattr(self.rules, "shown_grad")  # its position masks: follow the positions
+            with CaptureMode(self.scope, self._derivations, positions=explain) as mode:
                 self._mode = mode
                 try:
                     self._seed_model_args = mode.seed(batch, self._seed_dim) == 0
@@ -398,9 +400,9 @@ class Featurizer:
             state.collect_sums(self._columns)
         return state.out, state.out_sum, plan.steps
 
-    def _module_use(self, module: nn.Module, args, kwargs, dim: int, batch: int) -> OpUse:
+    def _module_use(self, module: nn.Module, args, kwargs, dim: int, batch: int, out) -> OpUse:
         params = self._module_params[module]
-        return module_use(self._mode, module, params, args, kwargs, dim, batch)
+        return module_use(self._mode, module, params, args, kwargs, dim, batch, out)
 
     def _on_grad(self, use: OpUse, grad: torch.Tensor) -> None:
         if self._pass is not None:  # else a backward outside compute_batch: not ours

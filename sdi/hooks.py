@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .capture import OpUse
 
 
-MakeUse = Callable[[nn.Module, tuple, dict, int, int], "OpUse"]
+MakeUse = Callable[[nn.Module, tuple, dict, int, int, torch.Tensor], "OpUse"]
 GradCallback = Callable[["OpUse", torch.Tensor], None]
 
 
@@ -136,7 +136,7 @@ class HookManager:
         on_grad: called during backward as ``on_grad(use, grad_output)``: ``use`` is the call as
             an :class:`sdi.capture.OpUse` of the module (made by ``make_use``; ``use.slots`` place
             it on the timeline), ``grad_output`` is d loss / d (first tensor output), detached.
-        make_use: ``make_use(module, args, kwargs, batch_dim, batch)`` -> the call's :class:`OpUse`
+        make_use: ``make_use(module, args, kwargs, batch_dim, batch, out)`` -> the call's ``OpUse``
             (:func:`sdi.capture.module_use`), keyword arguments of ``forward``'s
             positional parameters moved into ``args``.
         batch_dim: the batch dimension of the module outputs (0 for batch-first).
@@ -311,7 +311,7 @@ class HookManager:
         use = log.add_entry(module, *span)
         batch = int(out.shape[self._batch_dim]) if out.dim() > self._batch_dim else 1
         log.batch_sizes.add(batch)
-        op = self._make_use(module, *_bound(module, args, kwargs), self._batch_dim, batch)
+        op = self._make_use(module, *_bound(module, args, kwargs), self._batch_dim, batch, out)
         log.used.update(op.params)
         op.slots.update(dict.fromkeys(op.params, (module, use)))
         if use == 0 and module in self._keep_output:

@@ -328,3 +328,72 @@ def test_triton_backend_explains_like_torch_with_embedding_and_readout(tmp_path,
     torch.testing.assert_close(a.positions_train.sum(0), a.sdi, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(a.positions_query.sum(0), a.sdi, rtol=1e-4, atol=1e-6)
     assert a.by_parameter[0].abs().max() > 0  # the embedding's share is there
+
+
+class _HeadGain(torch.nn.Module):
+    """A looped block whose per-head gain scales ``(B, T, H, dh)`` -- or the same values laid out
+    ``(B, H, T, dh)`` (``heads_first``), as attention code has them -- with as many heads as
+    positions, so that only the data flow tells the two dimensions apart."""
+
+    V, D, H, T = 11, 8, 4, 4
+
+    def __init__(self, heads_first: bool):
+        super().__init__()
+        self.heads_first = heads_first
+        self.embed = torch.nn.Embedding(self.V, self.D)
+        self.lin = torch.nn.Linear(self.D, self.D)
+        self.gain = torch.nn.Parameter(1 + 0.3 * torch.randn(self.H))
+        self.head = torch.nn.Linear(self.D, self.V)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        B, T, D = x.shape
+        for _ in range(2):
+            y = self.lin(x).view(B, T, self.H, D // self.H)
+            if self.heads_first:
+                y = (y.transpose(1, 2) * self.gain[:, None, None]).transpose(1, 2)
+            else:
+                y = y * self.gain[:, None]
+            x = x + torch.tanh(y.reshape(B, T, D))
+        return self.head(x)
+
+
+def test_positions_are_found_by_data_flow_not_as_the_dimension_after_the_batch(tmp_path):
+    """The same model in two layouts, heads and positions of equal size: the position split of
+    the gain's uses is the same whether its output holds the positions second or third."""
+    torch.manual_seed(0)
+    by_positions = _HeadGain(heads_first=False)
+    by_heads = _HeadGain(heads_first=True)
+    by_heads.load_state_dict(by_positions.state_dict())
+    path = save_checkpoint(tmp_path / "ck.pt", by_positions, lr=0.5)
+    train = random_token_batches(6, 3, _HeadGain.T, _HeadGain.V, seed=1)
+    query = random_token_batches(4, 2, _HeadGain.T, _HeadGain.V, seed=2)
+    got = {}
+    for name, model in (("positions", by_positions), ("heads", by_heads)):
+        est = FullGradientTracInSDI(model=model, target_modules=[model.gain])
+        got[name] = _explain(est, path, train, query, [(4, 1), (0, 3)])
+        est.close()
+    for a, b in zip(got["positions"], got["heads"], strict=True):
+        assert a.positions_train.shape == (_HeadGain.T, 2)
+        assert a.positions_train.abs().max() > 0
+        torch.testing.assert_close(b.positions_train, a.positions_train, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.positions_query, a.positions_query, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.sdi, a.sdi, rtol=1e-5, atol=1e-7)
+
+
+def test_a_use_with_no_position_dimension_is_named(tmp_path):
+    """A selected use after the positions were summed away has nothing to split: a named error."""
+
+    class Pooled(_HeadGain):
+        def forward(self, tokens):
+            x = self.embed(tokens).mean(1)  # (B, D): the positions are gone
+            x = x * self.gain.repeat(2)
+            return self.head(x)[:, None].expand(-1, tokens.shape[1], -1)
+
+    torch.manual_seed(0)
+    model = Pooled(heads_first=False)
+    path = save_checkpoint(tmp_path / "ck.pt", model)
+    batches = random_token_batches(4, 2, _HeadGain.T, _HeadGain.V, seed=1)
+    est = FullGradientTracInSDI(model=model, target_modules=[model.gain])
+    with pytest.raises(ValueError, match="no position dimension that the data flow establishes"):
+        _explain(est, path, batches, batches, [(0, 1)])

@@ -1,0 +1,86 @@
+"""Where the sequence positions are in a tensor, followed by data flow (for :mod:`sdi.explain`).
+
+``explain`` splits every use's grad-output by position. Which dimension of a use's output holds the
+positions is followed through the forward exactly as the batch dimension is (:mod:`sdi.batchdims`):
+the batch's tensors are the seeds -- positions on the dimension after the batch (before it, for a
+sequence-first batch) -- and every operation maps it to its outputs. Attention's ``(B, H, T, dh)``
+layout, a transpose, a permute keep track of it; a sum over the positions, or a reshape that merges
+them with another dimension, loses it, and a use whose output has no known position dimension is
+an error in ``explain`` rather than a split along whatever dimension comes second.
+
+Only followed while ``explain`` featurises (:class:`sdi.capture.CaptureMode` with ``positions``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batchdims import output_dim
+
+# Attribute of a per-example tensor: (capture token, position dim or None).
+_POS = "_sdi_pos"
+_CATS = ("cat", "concat", "concatenate")
+
+
+def seed(token: object, tensors, batch_dim: int) -> None:
+    """The batch's tensors: positions next to the batch (``(B, T, ...)`` or ``(T, B, ...)``)."""
+    for t in tensors:
+        if t.dim() >= 2 and batch_dim <= 1:
+            setattr(t, _POS, (token, 1 - batch_dim))
+
+
+def position_of(token: object, t: torch.Tensor) -> int | None:
+    """The position dimension of ``t``, ``None`` where it has none or it is not known."""
+    mark = getattr(t, _POS, None)
+    return mark[1] if mark is not None and mark[0] is token else None
+
+
+def copy(token: object, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst`` stands for ``src`` (a leaf or clone handed on in its place)."""
+    mark = getattr(src, _POS, None)
+    if mark is not None and mark[0] is token:
+        setattr(dst, _POS, mark)
+
+
+def tag(token: object, func, args, kwargs, inputs, outs: list) -> None:
+    """Mark ``outs``, the tensor outputs of ``func``, with the position dimension that the first
+    per-example input with positions among ``inputs`` maps to (``None``: not known)."""
+    first, found = None, None
+    for t in inputs:
+        dim = position_of(token, t)
+        if dim is not None:
+            first, found = t, _maps_to(token, func, args, kwargs, t, dim, outs[0])
+            break
+    for o in outs:
+        if o is not first or found is not None:  # an in-place output keeps what it had
+            setattr(o, _POS, (token, found))
+
+
+def _maps_to(token, func, args, kwargs, first: torch.Tensor, dim: int, out) -> int | None:
+    name = getattr(func, "__name__", "")
+    if name == "einsum":
+        return _einsum(token, args)
+    found = output_dim(func, args, kwargs, first, dim, out, int(first.shape[dim]))
+    if found is None and name in _CATS and _cat_dim(args, kwargs, first.dim()) == dim:
+        return dim  # more positions (a prefix, a memory): still the positions
+    return found
+
+
+def _einsum(token: object, args) -> int | None:
+    """The output letter of the first operand's position letter (attention's ``"bhqd,bhkd->bhqk"``
+    has positions in two operands: the queries', the first, are the output's)."""
+    operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    spec = args[0].replace(" ", "") if isinstance(args[0], str) else ""
+    if "->" not in spec or "." in spec:
+        return None
+    ins, out = spec.split("->")
+    for sub, operand in zip(ins.split(","), operands, strict=False):
+        dim = position_of(token, operand) if torch.is_tensor(operand) else None
+        if dim is not None:
+            return out.index(sub[dim]) if sub[dim] in out else None
+    return None
+
+
+def _cat_dim(args, kwargs, ndim: int) -> int:
+    dim = int(args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    return dim + ndim if dim < 0 else dim
