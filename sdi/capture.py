@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import positions
 from .batchdims import couples, einsum_dim, output_dim
 from .derived import GETTERS, Derived, Step, template
+from .positions import Calls
 
 # Attribute of a per-example tensor: (capture token, batch dim or None, coupled), coupled when
 # computed with batch statistics (a batch norm in training, a mean over the batch): its row of one
@@ -187,6 +188,7 @@ class CaptureMode(TorchFunctionMode):
         self.scope = scope
         self.positions = positions  # follow the positions too (sdi.positions, for explain)
         self.token = object()
+        self.calls = Calls(self.token) if positions else None  # hooked calls' input positions
         self.batch_size: int | None = None  # of the seeds
         self._derived: dict[int, tuple[torch.Tensor, Derived]] = {}
         # Derivations by their key (the parameter, then each step's function and constant

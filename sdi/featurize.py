@@ -402,6 +402,8 @@ class Featurizer:
 
     def _module_use(self, module: nn.Module, args, kwargs, dim: int, batch: int, out) -> OpUse:
         params = self._module_params[module]
+        if self._mode.calls is not None:  # explain: the use's positions, before it is made
+            self._mode.calls.settle(module, out, leave=False)
         return module_use(self._mode, module, params, args, kwargs, dim, batch, out)
 
     def _on_grad(self, use: OpUse, grad: torch.Tensor) -> None:
@@ -422,10 +424,16 @@ def _settle_call(f: Featurizer, module: nn.Module, inputs: tuple) -> None:
     if f._mode is not None:
         bd = 0 if f.batch_first else 1
         args, kwargs = inputs
-        for a in (*args, *kwargs.values()):
-            for x in (a,) if isinstance(a, torch.Tensor) else tree_flatten(a)[0]:
-                if isinstance(x, torch.Tensor):
-                    settle_output(f._mode, x, x, bd)
+        tensors = [
+            x
+            for a in (*args, *kwargs.values())
+            for x in ((a,) if isinstance(a, torch.Tensor) else tree_flatten(a)[0])
+            if isinstance(x, torch.Tensor)
+        ]
+        for x in tensors:
+            settle_output(f._mode, x, x, bd)
+        if f._mode.calls is not None:  # explain: where this call's input has its positions
+            f._mode.calls.enter(module, tensors)
 
 
 def _settle_output(f: Featurizer, module: nn.Module, out: torch.Tensor, new: torch.Tensor) -> None:
@@ -435,6 +443,8 @@ def _settle_output(f: Featurizer, module: nn.Module, out: torch.Tensor, new: tor
     if f._mode is None:
         return
     bd = 0 if f.batch_first else 1
+    if f._mode.calls is not None:  # explain: positions the data flow lost inside the call
+        f._mode.calls.settle(module, out, leave=True)
     dim = settle_output(f._mode, out, new, bd)
     if dim is not None and dim != bd and module in f.scope.targets:
         raise SeedLayout(module, dim)

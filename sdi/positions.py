@@ -8,6 +8,11 @@ layout, a transpose, a permute keep track of it; a sum over the positions, or a 
 them with another dimension, loses it, and a use whose output has no known position dimension is
 an error in ``explain`` rather than a split along whatever dimension comes second.
 
+Where the data flow loses them inside a hooked module's call (HF's ``Conv1D`` views its input as
+``(B * T, d)`` and back), the call's output gets them back where the call kept its input's layout --
+as many dimensions, the positions' size on the same one -- the contract every module call is held
+to, as for the batch (:func:`sdi.capture.settle_output`); see :class:`Calls`.
+
 Only followed while ``explain`` featurises (:class:`sdi.capture.CaptureMode` with ``positions``).
 """
 
@@ -40,6 +45,34 @@ def copy(token: object, src: torch.Tensor, dst: torch.Tensor) -> None:
     mark = getattr(src, _POS, None)
     if mark is not None and mark[0] is token:
         setattr(dst, _POS, mark)
+
+
+class Calls:
+    """The running calls of hooked modules: where each one's first input with positions had them."""
+
+    def __init__(self, token: object):
+        self.token = token
+        self._entered: dict = {}  # module -> a stack of (dim, ndim, size) or None, one per call
+
+    def enter(self, module, tensors) -> None:
+        found = None
+        for t in tensors:
+            dim = position_of(self.token, t)
+            if dim is not None:
+                found = (dim, t.dim(), t.shape[dim])
+                break
+        self._entered.setdefault(module, []).append(found)
+
+    def settle(self, module, out: torch.Tensor, leave: bool) -> None:
+        """``out``, the first output of ``module``'s running call: its positions where the data
+        flow lost them and the call kept its input's layout. ``leave``: the call is over."""
+        calls = self._entered.get(module)
+        entry = (calls.pop() if leave else calls[-1]) if calls else None
+        if entry is None or position_of(self.token, out) is not None:
+            return
+        dim, ndim, size = entry
+        if out.dim() == ndim and out.shape[dim] == size:
+            setattr(out, _POS, (self.token, dim))
 
 
 def tag(token: object, func, args, kwargs, inputs, outs: list) -> None:

@@ -226,6 +226,10 @@ def _worker(rank: int, port: int, scenario: str, folder: str) -> None:
             "fail_loops": _failing_loops,
         }[scenario]
         torch.save(run(_estimator(), _data(folder), folder, rank), folder / f"rank{rank}.pt")
+        # Both ranks done before either tears the group down: a rank destroying it while the
+        # other still talks to rank 0's store aborted now and then ("terminate called without
+        # an active exception", exit code -6).
+        dist.barrier()
     except BaseException:
         (folder / f"rank{rank}.err").write_text(traceback.format_exc())
         raise

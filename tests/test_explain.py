@@ -397,3 +397,37 @@ def test_a_use_with_no_position_dimension_is_named(tmp_path):
     est = FullGradientTracInSDI(model=model, target_modules=[model.gain])
     with pytest.raises(ValueError, match="no position dimension that the data flow establishes"):
         _explain(est, path, batches, batches, [(0, 1)])
+
+
+def test_hf_gpt2_positions_lost_inside_conv1d_come_back_at_its_output(tmp_path):
+    """GPT-2's ``Conv1D`` views its input as ``(B * T, d)`` and back: the data flow loses the
+    positions inside the call, and its output gets them back where the call kept its input's
+    layout. The split equals masked autograd."""
+    import transformers
+    from looped_lm import per_example_grads
+    from test_hf_models import VOCAB, T, _batches, _hf_loss
+
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=2, n_positions=T, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    target = list(model.transformer.h)
+    path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.5)
+    train, query = _batches(3, seed=1, per_batch=2), _batches(2, seed=2)
+    est = FullGradientTracInSDI(model=model, target_modules=target)
+    (e,) = est.explain(
+        pairs=[(2, 1)],
+        checkpoints=[CheckpointSpec(path)],
+        train_loader=train,
+        query_loader=query,
+        loss_fn=_hf_loss,
+    )
+    est.close()
+    params = list(dict.fromkeys(p for t in target for p in t.parameters() if p.requires_grad))
+    g_query = per_example_grads(model, params, _hf_loss, query)[1]
+    want_train = torch.stack(
+        [0.5 * _masked_autograd(model, params, _hf_loss, train, p)[2] @ g_query for p in range(T)]
+    )
+    torch.testing.assert_close(e.positions_train.sum(1), want_train, rtol=1e-4, atol=1e-6)
