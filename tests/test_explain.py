@@ -229,25 +229,16 @@ def _masked_autograd(model, params, loss_fn, batches, position):
             h.remove()
 
 
-def test_hf_albert_position_split_through_the_generic_rule_equals_masked_autograd(
-    tmp_path, monkeypatch
-):
-    import torch.nn as nn
-    from looped_lm import per_example_grads
-    from opacus.grad_sample.grad_sample_module import GradSampleModule
-    from test_hf_models import _albert, _batches, _hf_loss
+def _hf_pair(tmp_path, model, target, check=None):
+    """The exact explanation of pair (2, 1) of a ``transformers`` model over small token batches
+    (``check(estimator)`` first, when given), and those batches ``(train, query)``."""
+    from test_hf_models import _batches, _hf_loss
 
-    from sdi.rules import GENERIC, RULES
-
-    for kind in (nn.Linear, nn.Embedding):
-        monkeypatch.setitem(RULES, kind, GENERIC)
-    monkeypatch.setattr(GradSampleModule, "GRAD_SAMPLERS", {})
-    torch.manual_seed(3)
-    model, target, _ = _albert()
     path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.5)
     train, query = _batches(3, seed=1, per_batch=2), _batches(2, seed=2)
     est = FullGradientTracInSDI(model=model, target_modules=target)
-    assert all(est._featurizer.rules.rule_of(b.module) is GENERIC for b in est._featurizer.blocks)
+    if check is not None:
+        check(est)
     (e,) = est.explain(
         pairs=[(2, 1)],
         checkpoints=[CheckpointSpec(path)],
@@ -256,6 +247,30 @@ def test_hf_albert_position_split_through_the_generic_rule_equals_masked_autogra
         loss_fn=_hf_loss,
     )
     est.close()
+    return e, train, query
+
+
+def test_hf_albert_position_split_through_the_generic_rule_equals_masked_autograd(
+    tmp_path, monkeypatch
+):
+    import torch.nn as nn
+    from looped_lm import per_example_grads
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+    from test_hf_models import _albert, _hf_loss
+
+    from sdi.rules import GENERIC, RULES
+
+    for kind in (nn.Linear, nn.Embedding):
+        monkeypatch.setitem(RULES, kind, GENERIC)
+    monkeypatch.setattr(GradSampleModule, "GRAD_SAMPLERS", {})
+    torch.manual_seed(3)
+    model, target, _ = _albert()
+
+    def generic_everywhere(est):
+        blocks = est._featurizer.blocks
+        assert all(est._featurizer.rules.rule_of(b.module) is GENERIC for b in blocks)
+
+    e, train, query = _hf_pair(tmp_path, model, target, check=generic_everywhere)
     params = list(dict.fromkeys(p for p in target.parameters() if p.requires_grad))
     g_train = per_example_grads(model, params, _hf_loss, train)[2]
     g_query = per_example_grads(model, params, _hf_loss, query)[1]
@@ -405,7 +420,7 @@ def test_hf_gpt2_positions_lost_inside_conv1d_come_back_at_its_output(tmp_path):
     layout. The split equals masked autograd."""
     import transformers
     from looped_lm import per_example_grads
-    from test_hf_models import VOCAB, T, _batches, _hf_loss
+    from test_hf_models import VOCAB, T, _hf_loss
 
     torch.manual_seed(3)
     config = transformers.GPT2Config(
@@ -414,17 +429,7 @@ def test_hf_gpt2_positions_lost_inside_conv1d_come_back_at_its_output(tmp_path):
     )  # fmt: skip
     model = transformers.GPT2LMHeadModel(config).eval()
     target = list(model.transformer.h)
-    path = save_checkpoint(tmp_path / "ck.pt", model, lr=0.5)
-    train, query = _batches(3, seed=1, per_batch=2), _batches(2, seed=2)
-    est = FullGradientTracInSDI(model=model, target_modules=target)
-    (e,) = est.explain(
-        pairs=[(2, 1)],
-        checkpoints=[CheckpointSpec(path)],
-        train_loader=train,
-        query_loader=query,
-        loss_fn=_hf_loss,
-    )
-    est.close()
+    e, train, query = _hf_pair(tmp_path, model, target)
     params = list(dict.fromkeys(p for t in target for p in t.parameters() if p.requires_grad))
     g_query = per_example_grads(model, params, _hf_loss, query)[1]
     want_train = torch.stack(
