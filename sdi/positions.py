@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .batchdims import output_dim
+from .batchdims import einsum_dim, output_dim
 
 # Attribute of a per-example tensor: (capture token, position dim or None).
 _POS = "_sdi_pos"
@@ -100,18 +100,12 @@ def _maps_to(token, func, args, kwargs, first: torch.Tensor, dim: int, out) -> i
 
 
 def _einsum(token: object, args) -> int | None:
-    """The output letter of the first operand's position letter (attention's ``"bhqd,bhkd->bhqk"``
-    has positions in two operands: the queries', the first, are the output's)."""
+    """Where the first operand with positions has them (attention's ``"bhqd,bhkd->bhqk"`` has
+    positions in two operands: the queries', the first, are the output's)."""
     operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    spec = args[0].replace(" ", "") if isinstance(args[0], str) else ""
-    if "->" not in spec or "." in spec:
-        return None
-    ins, out = spec.split("->")
-    for sub, operand in zip(ins.split(","), operands, strict=False):
-        dim = position_of(token, operand) if torch.is_tensor(operand) else None
-        if dim is not None:
-            return out.index(sub[dim]) if sub[dim] in out else None
-    return None
+    dims = [position_of(token, o) if torch.is_tensor(o) else None for o in operands]
+    first = next((i for i, d in enumerate(dims) if d is not None), None)
+    return einsum_dim(args, [d if i == first else None for i, d in enumerate(dims)])
 
 
 def _cat_dim(args, kwargs, ndim: int) -> int:
